@@ -1,0 +1,254 @@
+"""The gpt-oss forward pass in Flax NNX, top to bottom in SPEC.md's order.
+
+Shapes: B batch, T tokens, D hidden, V vocab, N query heads, K kv heads, G = N / K, H head dim, E experts,
+F expert width, M routed rows (tokens x experts per token). Linear weights are stored (out, in) as in both
+checkpoint layouts. Blocks are stacked along a leading layer axis and run under `jax.lax.scan` in (sliding,
+full) pairs, so compile time does not grow with depth and each window is a static number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax import ops
+from gptoss_jax.config import MXFP4_BLOCK, ModelConfig
+from gptoss_jax.mxfp4 import Packed
+from gptoss_jax.rope import apply_rope, rope_cos_sin
+
+ExpertFormat = Literal["mxfp4", "dense"]
+
+
+class Quantized(nnx.Variable):
+    """Packed MXFP4 bytes (FP4 codes or E8M0 scales): frozen weights. Fine-tuning upcasts them to a Param."""
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(1.0 + _normal(rngs, (cfg.hidden_size,), 0.1, jnp.float32).astype(dtype),
+                               axes=("embed",))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x_BTD):
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale.value.astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        D, NH = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg, dtype, rngs)
+        self.qkv_w = nnx.Param(_normal(rngs, (cfg.qkv_size, D), D**-0.5, dtype), axes=("qkv", "embed"))
+        self.qkv_b = nnx.Param(_normal(rngs, (cfg.qkv_size,), 0.02, dtype), axes=("qkv",))
+        self.out_w = nnx.Param(_normal(rngs, (D, NH), NH**-0.5, dtype), axes=("embed", "heads_x_dim"))
+        self.out_b = nnx.Param(_normal(rngs, (D,), 0.02, dtype), axes=("embed",))
+        self.sinks = nnx.Param(_normal(rngs, (cfg.num_attention_heads,), 1.0, dtype), axes=("heads",))
+
+    def __call__(self, x_BTD, cos, sin, *, window: int):
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        K, G, H = cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
+        qkv = ops.linear(self.norm(x_BTD), self.qkv_w.value, self.qkv_b.value)
+        q, k, v = jnp.split(qkv, [K * G * H, K * G * H + K * H], axis=-1)
+        q_BTKGH = apply_rope(q.reshape(B, T, K, G, H), cos, sin)  # query head k*G + g reads kv head k
+        k_BTKH = apply_rope(k.reshape(B, T, K, H), cos, sin)
+        v_BTKH = v.reshape(B, T, K, H)
+        o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, self.sinks.value.reshape(K, G), window=window,
+                          sm_scale=H**-0.5)
+        return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w.value, self.out_b.value)
+
+
+class PackedExperts(nnx.Module):
+    """Expert matrices [E, out, in] kept as MXFP4: codes [E, out, in/32, 16] and scales [E, out, in/32]."""
+
+    def __init__(self, blocks, scales, axes: tuple[str, str, str]):
+        self.blocks = Quantized(blocks, axes=(*axes, None))
+        self.scales = Quantized(scales, axes=axes)
+
+    @classmethod
+    def random(cls, rngs: nnx.Rngs, E: int, out: int, inp: int, axes):
+        """Uniform codes (rms 2.93) with scales near 2^round(log2(inp^-0.5 / 2.93)), so weights have std ~inp^-0.5."""
+        blocks = jax.random.randint(rngs.params(), (E, out, inp // MXFP4_BLOCK, 16), 0, 256).astype(jnp.uint8)
+        center = 127 + round(math.log2(inp**-0.5 / 2.93))
+        scales = jax.random.randint(rngs.params(), (E, out, inp // MXFP4_BLOCK), center - 1, center + 2)
+        return cls(blocks, scales.astype(jnp.uint8), axes)
+
+    def weights(self) -> Packed:
+        return Packed(self.blocks.value, self.scales.value)
+
+
+class DenseExperts(nnx.Module):
+    """Expert matrices [E, out, in] as ordinary parameters (bf16 checkpoints; fine-tuning)."""
+
+    def __init__(self, weight, axes: tuple[str, str, str]):
+        self.weight = nnx.Param(weight, axes=axes)
+
+    def weights(self) -> jax.Array:
+        return self.weight.value
+
+
+def swiglu(h_MF2, alpha: float, limit: float):
+    """Interleaved columns: h[..., 0::2] is the gate, h[..., 1::2] the linear half (note the +1)."""
+    gate, lin = h_MF2[..., 0::2], h_MF2[..., 1::2]
+    gate = jnp.minimum(gate, limit)
+    lin = jnp.clip(lin, -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (lin + 1.0)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, experts: ExpertFormat, rngs: nnx.Rngs):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg, dtype, rngs)
+        self.gate_w = nnx.Param(_normal(rngs, (E, D), D**-0.5, dtype), axes=("experts", "embed"))
+        self.gate_b = nnx.Param(_normal(rngs, (E,), 0.1, dtype), axes=("experts",))
+        axes1, axes2 = ("experts", "expert_mlp", "embed"), ("experts", "embed", "expert_mlp")
+        if experts == "mxfp4":
+            self.mlp1 = PackedExperts.random(rngs, E, 2 * F, D, axes1)
+            self.mlp2 = PackedExperts.random(rngs, E, D, F, axes2)
+        elif experts == "dense":
+            self.mlp1 = DenseExperts(_normal(rngs, (E, 2 * F, D), D**-0.5, dtype), axes1)
+            self.mlp2 = DenseExperts(_normal(rngs, (E, D, F), F**-0.5, dtype), axes2)
+        else:
+            raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
+        self.mlp1_b = nnx.Param(_normal(rngs, (E, 2 * F), 0.02, dtype), axes=("experts", "expert_mlp"))
+        self.mlp2_b = nnx.Param(_normal(rngs, (E, D), 0.02, dtype), axes=("experts", "embed"))
+
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        B, T, D = x_BTD.shape
+        k = cfg.experts_per_token
+        t_TD = self.norm(x_BTD).reshape(B * T, D)
+        # Router in float32: top-k of the raw logits, then softmax over those k only.
+        logits_TE = ops.linear(t_TD.astype(jnp.float32), self.gate_w.value.astype(jnp.float32),
+                               self.gate_b.value.astype(jnp.float32))
+        top_TK, expert_TK = jax.lax.top_k(logits_TE, k)
+        weight_TK = jax.nn.softmax(top_TK, axis=-1)
+        # Sort the (token, expert) pairs by expert so each expert's rows are contiguous.
+        expert_M = expert_TK.reshape(-1)
+        order_M = jnp.argsort(expert_M, stable=True)
+        group_sizes_E = jnp.bincount(expert_M, length=cfg.num_experts)
+        x_MD = jnp.take(t_TD, order_M // k, axis=0)
+        h_MF2 = ops.grouped_matmul(x_MD, group_sizes_E, self.mlp1.weights(), self.mlp1_b.value)
+        a_MF = swiglu(h_MF2, cfg.swiglu_alpha, cfg.swiglu_limit).astype(x_BTD.dtype)
+        y_MD = ops.grouped_matmul(a_MF, group_sizes_E, self.mlp2.weights(), self.mlp2_b.value)
+        y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(B * T, k, D)
+        y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK)
+        return x_BTD + y_TD.reshape(B, T, D).astype(x_BTD.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, experts: ExpertFormat, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, experts, rngs)
+
+    def __call__(self, x_BTD, cos, sin, *, window: int):
+        with jax.named_scope("attention"):
+            x_BTD = self.attn(x_BTD, cos, sin, window=window)
+        with jax.named_scope("moe"):
+            return self.mlp(x_BTD)
+
+
+class Transformer(nnx.Module):
+    """gpt-oss. `model(tokens)`: int32 [B, T] -> float32 logits [B, T, vocab] (full causal forward, no cache)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, experts: ExpertFormat = "mxfp4",
+                 rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embedding = nnx.Param(_normal(rngs, (V, D), 1.0, dtype), axes=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs):
+            return Block(cfg, dtype, experts, rngs)
+
+        self.blocks = stacked_blocks(rngs)  # every leaf has a leading layer axis
+        self.norm = RMSNorm(cfg, dtype, rngs)
+        self.unembedding = nnx.Param(_normal(rngs, (V, D), D**-0.5, dtype), axes=("vocab", "embed"))
+
+    def __call__(self, tokens_BT) -> jax.Array:
+        if isinstance(tokens_BT, jax.core.Tracer):
+            return self.forward(tokens_BT)
+        return _jitted_forward(self, check_tokens(tokens_BT, self.config))
+
+    def forward(self, tokens_BT) -> jax.Array:
+        cfg = self.config
+        T = tokens_BT.shape[1]
+        x_BTD = jnp.take(self.embedding.value, tokens_BT, axis=0).astype(self.dtype)
+        cos, sin = rope_cos_sin(jnp.arange(T)[None], cfg)
+        x_BTD = self._run_blocks(x_BTD, cos, sin)
+        x_BTD = self.norm(x_BTD)
+        return ops.linear(x_BTD, self.unembedding.value, out_dtype=jnp.float32)
+
+    def _run_blocks(self, x_BTD, cos, sin):
+        cfg = self.config
+        graphdef, state = nnx.split(self.blocks)
+        L = cfg.num_hidden_layers
+
+        def layer(x, layer_state, i):
+            with jax.named_scope(f"block_{'sliding' if cfg.layer_window(i) else 'full'}"):
+                return nnx.merge(graphdef, layer_state)(x, cos, sin, window=cfg.layer_window(i))
+
+        def pair(x, pair_state):
+            for i in (0, 1):
+                x = layer(x, jax.tree.map(lambda a: a[i], pair_state), i)
+            return x, None
+
+        pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
+        x_BTD, _ = jax.lax.scan(pair, x_BTD, pairs)
+        if L % 2:  # a trailing even-indexed (sliding) layer
+            x_BTD = layer(x_BTD, jax.tree.map(lambda a: a[L - 1], state), L - 1)
+        return x_BTD
+
+
+@nnx.jit
+def _jitted_forward(model: Transformer, tokens_BT):
+    return model.forward(tokens_BT)
+
+
+def check_tokens(tokens_BT, cfg: ModelConfig) -> jax.Array:
+    """Concrete token ids as int32 [B, T], or a ValueError that says what is wrong."""
+    tokens = jnp.asarray(tokens_BT)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a 2-D [batch, length] array, got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.shape[1] == 0:
+        raise ValueError("tokens has length 0")
+    if tokens.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the context of {cfg.max_position_embeddings}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
+    return tokens.astype(jnp.int32)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, experts: ExpertFormat = "mxfp4") -> Transformer:
+    """Random weights at a realistic scale (router, sinks and biases non-zero); experts MXFP4 unless 'dense'."""
+    return Transformer(cfg, dtype=dtype, experts=experts, rngs=nnx.Rngs(seed))
+
+
+def param_count(model: Transformer) -> int:
+    """Parameters as the model card counts them: an FP4 code is one parameter, E8M0 scales are not counted."""
+    total = 0
+    for path, leaf in nnx.to_flat_state(nnx.state(model)):
+        if path[-1] == "scales":
+            continue
+        total += leaf.value.size * (2 if path[-1] == "blocks" else 1)
+    return total
+
+
+def param_bytes(model: Transformer) -> int:
+    return sum(leaf.value.size * leaf.value.dtype.itemsize for _, leaf in nnx.to_flat_state(nnx.state(model)))
