@@ -40,7 +40,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BTD):
         x = x_BTD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale.value.astype(jnp.float32)).astype(x_BTD.dtype)
+        return (x * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
 
 
 class Attention(nnx.Module):
@@ -58,14 +58,14 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         K, G, H = cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
-        qkv = ops.linear(self.norm(x_BTD), self.qkv_w.value, self.qkv_b.value)
+        qkv = ops.linear(self.norm(x_BTD), self.qkv_w[...], self.qkv_b[...])
         q, k, v = jnp.split(qkv, [K * G * H, K * G * H + K * H], axis=-1)
         q_BTKGH = apply_rope(q.reshape(B, T, K, G, H), cos, sin)  # query head k*G + g reads kv head k
         k_BTKH = apply_rope(k.reshape(B, T, K, H), cos, sin)
         v_BTKH = v.reshape(B, T, K, H)
-        o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, self.sinks.value.reshape(K, G), window=window,
+        o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, self.sinks[...].reshape(K, G), window=window,
                           sm_scale=H**-0.5)
-        return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w.value, self.out_b.value)
+        return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w[...], self.out_b[...])
 
 
 class PackedExperts(nnx.Module):
@@ -84,7 +84,7 @@ class PackedExperts(nnx.Module):
         return cls(blocks, scales.astype(jnp.uint8), axes)
 
     def weights(self) -> Packed:
-        return Packed(self.blocks.value, self.scales.value)
+        return Packed(self.blocks[...], self.scales[...])
 
 
 class DenseExperts(nnx.Module):
@@ -94,7 +94,7 @@ class DenseExperts(nnx.Module):
         self.weight = nnx.Param(weight, axes=axes)
 
     def weights(self) -> jax.Array:
-        return self.weight.value
+        return self.weight[...]
 
 
 def swiglu(h_MF2, alpha: float, limit: float):
@@ -130,8 +130,8 @@ class MoE(nnx.Module):
         k = cfg.experts_per_token
         t_TD = self.norm(x_BTD).reshape(B * T, D)
         # Router in float32: top-k of the raw logits, then softmax over those k only.
-        logits_TE = ops.linear(t_TD.astype(jnp.float32), self.gate_w.value.astype(jnp.float32),
-                               self.gate_b.value.astype(jnp.float32))
+        logits_TE = ops.linear(t_TD.astype(jnp.float32), self.gate_w[...].astype(jnp.float32),
+                               self.gate_b[...].astype(jnp.float32))
         top_TK, expert_TK = jax.lax.top_k(logits_TE, k)
         weight_TK = jax.nn.softmax(top_TK, axis=-1)
         # Sort the (token, expert) pairs by expert so each expert's rows are contiguous.
@@ -139,9 +139,9 @@ class MoE(nnx.Module):
         order_M = jnp.argsort(expert_M, stable=True)
         group_sizes_E = jnp.bincount(expert_M, length=cfg.num_experts)
         x_MD = jnp.take(t_TD, order_M // k, axis=0)
-        h_MF2 = ops.grouped_matmul(x_MD, group_sizes_E, self.mlp1.weights(), self.mlp1_b.value)
+        h_MF2 = ops.grouped_matmul(x_MD, group_sizes_E, self.mlp1.weights(), self.mlp1_b[...])
         a_MF = swiglu(h_MF2, cfg.swiglu_alpha, cfg.swiglu_limit).astype(x_BTD.dtype)
-        y_MD = ops.grouped_matmul(a_MF, group_sizes_E, self.mlp2.weights(), self.mlp2_b.value)
+        y_MD = ops.grouped_matmul(a_MF, group_sizes_E, self.mlp2.weights(), self.mlp2_b[...])
         y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(B * T, k, D)
         y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK)
         return x_BTD + y_TD.reshape(B, T, D).astype(x_BTD.dtype)
@@ -186,11 +186,11 @@ class Transformer(nnx.Module):
     def forward(self, tokens_BT) -> jax.Array:
         cfg = self.config
         T = tokens_BT.shape[1]
-        x_BTD = jnp.take(self.embedding.value, tokens_BT, axis=0).astype(self.dtype)
+        x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
         cos, sin = rope_cos_sin(jnp.arange(T)[None], cfg)
         x_BTD = self._run_blocks(x_BTD, cos, sin)
         x_BTD = self.norm(x_BTD)
-        return ops.linear(x_BTD, self.unembedding.value, out_dtype=jnp.float32)
+        return ops.linear(x_BTD, self.unembedding[...], out_dtype=jnp.float32)
 
     def _run_blocks(self, x_BTD, cos, sin):
         cfg = self.config
@@ -246,9 +246,9 @@ def param_count(model: Transformer) -> int:
     for path, leaf in nnx.to_flat_state(nnx.state(model)):
         if path[-1] == "scales":
             continue
-        total += leaf.value.size * (2 if path[-1] == "blocks" else 1)
+        total += leaf.get_value().size * (2 if path[-1] == "blocks" else 1)
     return total
 
 
 def param_bytes(model: Transformer) -> int:
-    return sum(leaf.value.size * leaf.value.dtype.itemsize for _, leaf in nnx.to_flat_state(nnx.state(model)))
+    return sum(leaf.get_value().size * leaf.get_value().dtype.itemsize for _, leaf in nnx.to_flat_state(nnx.state(model)))

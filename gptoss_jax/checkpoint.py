@@ -1,0 +1,488 @@
+"""Reading and writing the two public checkpoint layouts (SPEC.md, "Checkpoint layouts") with safetensors.
+
+Loading is lazy: every tensor's name, shape and dtype is checked against the config before any data is read,
+then tensors are read one at a time and placed on the device, MXFP4 experts kept packed. Saving writes into a
+temporary folder beside the target and renames it into place last, so a crash never leaves a folder that looks
+like a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from gptoss_jax import mxfp4
+from gptoss_jax.config import ConfigError, ModelConfig, load_json
+from gptoss_jax.model import Transformer
+
+Format = Literal["original", "hf"]
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is not what the config and layout require."""
+
+
+# ---- the tensor table ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one parameter of ours (a flat state path) maps to checkpoint tensors of one layout.
+
+    `names` are templates with `{i}` for the layer; `join` turns their arrays (in order) into ours and `split`
+    back. Per-layer rules fill our leading layer axis one layer at a time.
+    """
+
+    path: tuple[str, ...]
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]  # per checkpoint tensor, without the layer axis
+    kind: Literal["float", "uint8"] = "float"
+    per_layer: bool = True
+    join: Callable[[list[np.ndarray]], np.ndarray] = lambda xs: xs[0]
+    split: Callable[[np.ndarray], list[np.ndarray]] = lambda x: [x]
+
+
+def _swap_last(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense"]) -> list[Rule]:
+    D, V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if experts == "dense" and fmt == "original":
+        raise CheckpointError("the original layout stores experts only as MXFP4")
+    packed1 = ((E, 2 * F, D // 32, 16), (E, 2 * F, D // 32))
+    packed2 = ((E, D, F // 32, 16), (E, D, F // 32))
+    if fmt == "original":
+        a, m = "block.{i}.attn.", "block.{i}.mlp."
+        return [
+            Rule(("embedding",), ("embedding.weight",), ((V, D),), per_layer=False),
+            Rule(("unembedding",), ("unembedding.weight",), ((V, D),), per_layer=False),
+            Rule(("norm", "scale"), ("norm.scale",), ((D,),), per_layer=False),
+            Rule(("blocks", "attn", "norm", "scale"), (a + "norm.scale",), ((D,),)),
+            Rule(("blocks", "attn", "qkv_w"), (a + "qkv.weight",), ((cfg.qkv_size, D),)),
+            Rule(("blocks", "attn", "qkv_b"), (a + "qkv.bias",), ((cfg.qkv_size,),)),
+            Rule(("blocks", "attn", "out_w"), (a + "out.weight",), ((D, N * H),)),
+            Rule(("blocks", "attn", "out_b"), (a + "out.bias",), ((D,),)),
+            Rule(("blocks", "attn", "sinks"), (a + "sinks",), ((N,),)),
+            Rule(("blocks", "mlp", "norm", "scale"), (m + "norm.scale",), ((D,),)),
+            Rule(("blocks", "mlp", "gate_w"), (m + "gate.weight",), ((E, D),)),
+            Rule(("blocks", "mlp", "gate_b"), (m + "gate.bias",), ((E,),)),
+            Rule(("blocks", "mlp", "mlp1", "blocks"), (m + "mlp1_weight.blocks",), packed1[:1], "uint8"),
+            Rule(("blocks", "mlp", "mlp1", "scales"), (m + "mlp1_weight.scales",), packed1[1:], "uint8"),
+            Rule(("blocks", "mlp", "mlp1_b"), (m + "mlp1_bias",), ((E, 2 * F),)),
+            Rule(("blocks", "mlp", "mlp2", "blocks"), (m + "mlp2_weight.blocks",), packed2[:1], "uint8"),
+            Rule(("blocks", "mlp", "mlp2", "scales"), (m + "mlp2_weight.scales",), packed2[1:], "uint8"),
+            Rule(("blocks", "mlp", "mlp2_b"), (m + "mlp2_bias",), ((E, D),)),
+        ]
+    a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    qkv_sizes = (N * H, K * H, K * H)
+    cuts = np.cumsum(qkv_sizes)[:-1]
+    rules = [
+        Rule(("embedding",), ("model.embed_tokens.weight",), ((V, D),), per_layer=False),
+        Rule(("unembedding",), ("lm_head.weight",), ((V, D),), per_layer=False),
+        Rule(("norm", "scale"), ("model.norm.weight",), ((D,),), per_layer=False),
+        Rule(("blocks", "attn", "norm", "scale"), ("model.layers.{i}.input_layernorm.weight",), ((D,),)),
+        Rule(("blocks", "attn", "qkv_w"), tuple(a + f"{p}_proj.weight" for p in "qkv"),
+             tuple((s, D) for s in qkv_sizes), join=np.concatenate, split=lambda x: np.split(x, cuts)),
+        Rule(("blocks", "attn", "qkv_b"), tuple(a + f"{p}_proj.bias" for p in "qkv"),
+             tuple((s,) for s in qkv_sizes), join=np.concatenate, split=lambda x: np.split(x, cuts)),
+        Rule(("blocks", "attn", "out_w"), (a + "o_proj.weight",), ((D, N * H),)),
+        Rule(("blocks", "attn", "out_b"), (a + "o_proj.bias",), ((D,),)),
+        Rule(("blocks", "attn", "sinks"), (a + "sinks",), ((N,),)),
+        Rule(("blocks", "mlp", "norm", "scale"), ("model.layers.{i}.post_attention_layernorm.weight",), ((D,),)),
+        Rule(("blocks", "mlp", "gate_w"), (m + "router.weight",), ((E, D),)),
+        Rule(("blocks", "mlp", "gate_b"), (m + "router.bias",), ((E,),)),
+        Rule(("blocks", "mlp", "mlp1_b"), (m + "experts.gate_up_proj_bias",), ((E, 2 * F),)),
+        Rule(("blocks", "mlp", "mlp2_b"), (m + "experts.down_proj_bias",), ((E, D),)),
+    ]
+    if experts == "mxfp4":
+        rules += [
+            Rule(("blocks", "mlp", "mlp1", "blocks"), (m + "experts.gate_up_proj_blocks",), packed1[:1], "uint8"),
+            Rule(("blocks", "mlp", "mlp1", "scales"), (m + "experts.gate_up_proj_scales",), packed1[1:], "uint8"),
+            Rule(("blocks", "mlp", "mlp2", "blocks"), (m + "experts.down_proj_blocks",), packed2[:1], "uint8"),
+            Rule(("blocks", "mlp", "mlp2", "scales"), (m + "experts.down_proj_scales",), packed2[1:], "uint8"),
+        ]
+    else:  # dense HF experts are stored (E, in, out): transposed relative to ours
+        rules += [
+            Rule(("blocks", "mlp", "mlp1", "weight"), (m + "experts.gate_up_proj",), ((E, D, 2 * F),),
+                 join=lambda xs: _swap_last(xs[0]), split=lambda x: [_swap_last(x)]),
+            Rule(("blocks", "mlp", "mlp2", "weight"), (m + "experts.down_proj",), ((E, F, D),),
+                 join=lambda xs: _swap_last(xs[0]), split=lambda x: [_swap_last(x)]),
+        ]
+    return rules
+
+
+def _expected_tensors(rules: list[Rule], num_layers: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for r in rules:
+        for i in range(num_layers) if r.per_layer else [None]:
+            for name, shape in zip(r.names, r.shapes):
+                out[name.format(i=i)] = (shape, r.kind)
+    return out
+
+
+# ---- finding a checkpoint --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Layout:
+    """A checkpoint folder: its format, config, expert storage and where each tensor lives."""
+
+    format: Format
+    folder: Path
+    config: ModelConfig
+    experts: Literal["mxfp4", "dense"]
+    tensor_files: dict[str, Path]
+
+
+def find_layout(path: str | os.PathLike) -> Layout:
+    """Detect the layout of `path`: original, HF (one file or sharded), or an HF snapshot root with original/."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist or is not a folder")
+    for folder in (root, root / "original"):
+        if (folder / "config.json").is_file() and _safetensors_files(folder):
+            return _read_layout(folder)
+    if (root / "config.json").is_file():
+        raise CheckpointError(f"{root} has a config.json but no *.safetensors weights (nor an original/ folder "
+                              "that has both)")
+    raise CheckpointError(f"{root} is neither checkpoint layout: expected config.json with *.safetensors files "
+                          "(the original or the Hugging Face layout), or an original/ folder holding them")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def _read_layout(folder: Path) -> Layout:
+    data = load_json(folder / "config.json")
+    fmt: Format = "hf" if "model_type" in data else "original"
+    if fmt == "original" and "num_experts" not in data:
+        raise CheckpointError(f"{folder / 'config.json'} is neither an original gpt-oss config (num_experts, ...) "
+                              "nor a Hugging Face one (model_type: gpt_oss)")
+    try:
+        cfg = ModelConfig.from_json_dict(data, str(folder / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    tensor_files = _tensor_files(folder)
+    experts = "dense" if any(n.endswith("experts.gate_up_proj") for n in tensor_files) else "mxfp4"
+    return Layout(fmt, folder, cfg, experts, tensor_files)
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object of tensor name -> file")
+        files = {name: folder / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing from {folder}")
+        for f in sorted(set(files.values())):
+            with _open(f) as st:
+                held = set(st.keys())
+            listed = [n for n, g in files.items() if g == f and n not in held]
+            if listed:
+                raise CheckpointError(f"{index} places {listed[:5]} in {f.name}, which does not hold them")
+        return files
+    files: dict[str, Path] = {}
+    for f in _safetensors_files(folder):
+        with _open(f) as st:
+            for name in st.keys():
+                if name in files:
+                    raise CheckpointError(f"tensor {name!r} appears in both {files[name].name} and {f.name}")
+                files[name] = f
+    return files
+
+
+def _validate(layout: Layout, rules: list[Rule]) -> None:
+    cfg = layout.config
+    expected = _expected_tensors(rules, cfg.num_hidden_layers)
+    present = set(layout.tensor_files)
+    layers = {int(m.group(1)) for n in present if (m := re.match(r"(?:block|model\.layers)\.(\d+)\.", n))}
+    if layers and layers != set(range(cfg.num_hidden_layers)):
+        raise CheckpointError(
+            f"{layout.folder / 'config.json'} says num_hidden_layers={cfg.num_hidden_layers}, but the tensors are "
+            f"for layers {_ranges(sorted(layers))}: the config disagrees with the tensors")
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(f"{layout.folder}: {len(missing)} tensor(s) missing from the {layout.format} layout: "
+                              f"{_shortlist(missing)}")
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{layout.folder}: {len(unexpected)} unexpected tensor(s) for the {layout.format} "
+                              f"layout: {_shortlist(unexpected)}")
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(layout.tensor_files[name], []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as st:
+            for name in names:
+                shape, kind = expected[name]
+                sl = st.get_slice(name)
+                got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                if got_shape != shape:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name!r} has shape {got_shape}, expected {shape} from "
+                        f"{layout.folder / 'config.json'} ({_config_hint(cfg)}); the config disagrees with the "
+                        "tensors or the file is not this model's")
+                ok = got_dtype == "U8" if kind == "uint8" else got_dtype in FLOAT_DTYPES
+                if not ok:
+                    want = "U8 (packed MXFP4)" if kind == "uint8" else "one of " + "/".join(FLOAT_DTYPES)
+                    raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {got_dtype}, expected {want}")
+
+
+def _config_hint(cfg: ModelConfig) -> str:
+    return (f"hidden_size={cfg.hidden_size}, vocab_size={cfg.vocab_size}, num_experts={cfg.num_experts}, "
+            f"intermediate_size={cfg.intermediate_size}, heads={cfg.num_attention_heads}/"
+            f"{cfg.num_key_value_heads}x{cfg.head_dim}")
+
+
+def _shortlist(names: list[str], n: int = 12) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _ranges(xs: list[int]) -> str:
+    return f"{xs[0]}..{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else str(xs)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
+               experts: Literal["auto", "mxfp4", "dense"] = "auto", progress: bool = True) -> Transformer:
+    """Load a checkpoint in either layout (auto-detected). `dtype` is every non-expert parameter's dtype.
+
+    experts: "auto" keeps them as stored (MXFP4 packed, or dense for a bf16 HF checkpoint); "dense" decodes MXFP4
+    to `dtype` (for fine-tuning); "mxfp4" encodes dense experts (lossy unless they are representable).
+    """
+    if mesh is not None:
+        raise NotImplementedError("loading onto a mesh comes with sharding support; pass mesh=None")
+    layout = find_layout(path)
+    cfg = layout.config
+    stored_rules = tensor_rules(cfg, layout.format, layout.experts)
+    _validate(layout, stored_rules)
+    target = layout.experts if experts == "auto" else experts
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, experts=target, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves = dict(nnx.to_flat_state(state))
+    total = sum(_nbytes(layout, r, cfg) for r in stored_rules)
+    with contextlib.ExitStack() as stack, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {layout.folder.name}",
+                 disable=not progress) as bar:
+        handles: dict[Path, object] = {}
+
+        def read(name: str) -> np.ndarray:
+            file = layout.tensor_files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(_open(file))
+            try:
+                x = handles[file].get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from None
+            bar.update(x.nbytes)
+            return x
+
+        for path_, value in _assemble(stored_rules, cfg, read, target, dtype):
+            leaves[path_].set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _nbytes(layout: Layout, rule: Rule, cfg: ModelConfig) -> int:
+    per = sum(math.prod(s) for s in rule.shapes) * (1 if rule.kind == "uint8" else 2)
+    return per * (cfg.num_hidden_layers if rule.per_layer else 1)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(buf, x, i):
+    """buf[i] = x in place, so a stacked parameter is filled without a second copy."""
+    return buf.at[i].set(x.astype(buf.dtype))
+
+
+def _assemble(rules: list[Rule], cfg: ModelConfig, read, target: str, dtype):
+    """Yield (our flat path, device array) for every parameter, reading the checkpoint one tensor at a time."""
+    by_path = {r.path: r for r in rules}
+    experts = [("mlp1",), ("mlp2",)]
+    for r in rules:
+        if r.path[-1] in ("blocks", "scales", "weight"):
+            continue  # experts are assembled below, possibly converted
+        load = lambda i, r=r: r.join([read(n.format(i=i)) for n in r.names])  # noqa: E731
+        yield r.path, _stack(cfg, r.per_layer, load, jnp.uint8 if r.kind == "uint8" else dtype)
+    for (which,) in experts:
+        base = ("blocks", "mlp", which)
+        if base + ("weight",) in by_path:  # dense in the checkpoint
+            r = by_path[base + ("weight",)]
+            load = lambda i, r=r: r.join([read(r.names[0].format(i=i))])  # noqa: E731
+            if target == "dense":
+                yield base + ("weight",), _stack(cfg, True, load, dtype)
+            else:
+                codes = lambda i, load=load: mxfp4.encode(np.asarray(load(i), np.float32))  # noqa: E731
+                yield from _packed_from(cfg, base, codes)
+        else:
+            rb, rs = by_path[base + ("blocks",)], by_path[base + ("scales",)]
+            codes = lambda i, rb=rb, rs=rs: mxfp4.Packed(read(rb.names[0].format(i=i)),  # noqa: E731
+                                                         read(rs.names[0].format(i=i)))
+            if target == "dense":
+                decode = lambda i, codes=codes: np.asarray(mxfp4.decode(*codes(i), jnp.float32))  # noqa: E731
+                yield base + ("weight",), _stack(cfg, True, decode, dtype)
+            else:
+                yield from _packed_from(cfg, base, codes)
+
+
+def _packed_from(cfg, base, codes):
+    # Each layer's codes are read once and split into the two buffers.
+    L = cfg.num_hidden_layers
+    blocks_buf = scales_buf = None
+    for i in range(L):
+        p = codes(i)
+        if blocks_buf is None:
+            blocks_buf = jnp.zeros((L, *p.blocks.shape), jnp.uint8)
+            scales_buf = jnp.zeros((L, *p.scales.shape), jnp.uint8)
+        blocks_buf = _set_layer(blocks_buf, jnp.asarray(p.blocks), i)
+        scales_buf = _set_layer(scales_buf, jnp.asarray(p.scales), i)
+    yield base + ("blocks",), blocks_buf
+    yield base + ("scales",), scales_buf
+
+
+def _stack(cfg: ModelConfig, per_layer: bool, load: Callable[[int | None], np.ndarray], target_dtype) -> jax.Array:
+    if not per_layer:
+        return jnp.asarray(load(None)).astype(target_dtype)
+    buf = None
+    for i in range(cfg.num_hidden_layers):
+        x = jnp.asarray(load(i))
+        if buf is None:
+            buf = jnp.zeros((cfg.num_hidden_layers, *x.shape), target_dtype)
+        buf = _set_layer(buf, x, i)
+    return buf
+
+
+# ---- saving ----------------------------------------------------------------------------------------------------
+def save_checkpoint(model: Transformer, path: str | os.PathLike, format: Format = "original", *,
+                    experts: Literal["mxfp4", "bf16"] = "mxfp4", overwrite: bool = False,
+                    max_shard_bytes: int = 2 << 30) -> Path:
+    """Write `model` as a checkpoint the official tools load: non-expert tensors in bf16, experts MXFP4.
+
+    experts="bf16" (HF format only) writes dense bf16 experts instead. Shards of at most `max_shard_bytes` (with
+    model.safetensors.index.json when there are several). The folder appears only once complete.
+    """
+    if format not in ("original", "hf"):
+        raise ValueError(f"format must be 'original' or 'hf', got {format!r}")
+    if experts not in ("mxfp4", "bf16"):
+        raise ValueError(f"experts must be 'mxfp4' or 'bf16', got {experts!r}")
+    if experts == "bf16" and format == "original":
+        raise ValueError("the original layout stores experts only as MXFP4; use format='hf' for bf16 experts")
+    dest = Path(path)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True to replace it")
+    cfg = model.config
+    rules = tensor_rules(cfg, format, "dense" if experts == "bf16" else "mxfp4")
+    leaves = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        shards = _write_shards(tmp, _tensors_to_save(rules, cfg, leaves), max_shard_bytes)
+        config = cfg.to_original_json() if format == "original" else cfg.to_hf_json()
+        if experts == "bf16":
+            config.pop("quantization_config")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(shards) > 1:
+            _write_index(tmp, shards)
+        _replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _tensors_to_save(rules: list[Rule], cfg: ModelConfig, leaves):
+    """Yield (name, numpy array) in file order: globals first, then layer by layer."""
+    for r in rules:
+        if not r.per_layer:
+            yield r.names[0], _to_file_dtype(np.asarray(leaves[r.path]), r.kind)
+    for i in range(cfg.num_hidden_layers):
+        packed_cache: dict[str, mxfp4.Packed] = {}
+        for r in (r for r in rules if r.per_layer):
+            for name, x in zip(r.names, r.split(_layer_value(r, leaves, i, packed_cache))):
+                yield name.format(i=i), _to_file_dtype(x, r.kind)
+
+
+def _layer_value(rule: Rule, leaves, i: int, packed_cache) -> np.ndarray:
+    """Our layer-i value for `rule`, converting the experts between packed and dense as the file needs."""
+    if rule.path in leaves:
+        return np.asarray(leaves[rule.path][i])
+    base, part = rule.path[:-1], rule.path[-1]
+    if part == "weight":  # file wants dense, model holds packed
+        return np.asarray(mxfp4.decode(leaves[base + ("blocks",)][i], leaves[base + ("scales",)][i], jnp.float32))
+    key = "/".join(base)  # file wants packed, model holds dense: encode once for blocks and scales
+    if key not in packed_cache:
+        packed_cache[key] = mxfp4.encode(np.asarray(leaves[base + ("weight",)][i], np.float32))
+    return getattr(packed_cache[key], part)
+
+
+def _to_file_dtype(x: np.ndarray, kind: str) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(np.uint8 if kind == "uint8" else ml_dtypes.bfloat16))
+
+
+def _write_shards(folder: Path, tensors, max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    shards: list[tuple[str, list[str]]] = []
+    pending: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush():
+        nonlocal pending, size
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(pending, str(folder / name), metadata={"format": "pt"})
+        shards.append((name, list(pending)))
+        pending, size = {}, 0
+
+    for name, x in tensors:
+        if pending and size + x.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = x
+        size += x.nbytes
+    if pending:
+        flush()
+    n = len(shards)
+    final = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    for (tmp_name, names), new in zip(shards, final):
+        (folder / tmp_name).rename(folder / new)
+    return [(new, names) for new, (_, names) in zip(final, shards)]
+
+
+def _write_index(folder: Path, shards: list[tuple[str, list[str]]]) -> None:
+    total = sum((folder / f).stat().st_size for f, _ in shards)
+    index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, names in shards for n in names}}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
