@@ -272,6 +272,30 @@ def _ranges(xs: list[int]) -> str:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
+class _Reader(contextlib.ExitStack):
+    """`read(name)` -> numpy tensor, opening each file of the layout once; counts bytes on an optional bar."""
+
+    def __init__(self, layout: Layout, bar=None):
+        super().__init__()
+        self._layout, self._bar, self._handles = layout, bar, {}
+
+    def __enter__(self):
+        super().__enter__()
+        return self
+
+    def __call__(self, name: str) -> np.ndarray:
+        file = self._layout.tensor_files[name]
+        if file not in self._handles:
+            self._handles[file] = self.enter_context(_open(file))
+        try:
+            x = self._handles[file].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from None
+        if self._bar is not None:
+            self._bar.update(x.nbytes)
+        return x
+
+
 def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
                experts: Literal["auto", "mxfp4", "dense"] = "auto", progress: bool = True) -> Transformer:
     """Load a checkpoint in either layout (auto-detected). `dtype` is every non-expert parameter's dtype.
@@ -289,31 +313,18 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, experts=target, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(state))
-    total = sum(_nbytes(layout, r, cfg) for r in stored_rules)
-    with contextlib.ExitStack() as stack, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {layout.folder.name}",
-                 disable=not progress) as bar:
-        handles: dict[Path, object] = {}
-
-        def read(name: str) -> np.ndarray:
-            file = layout.tensor_files[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(_open(file))
-            try:
-                x = handles[file].get_tensor(name)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from None
-            bar.update(x.nbytes)
-            return x
-
+    total = _expected_bytes(stored_rules, cfg)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {layout.folder.name}",
+              disable=not progress) as bar, _Reader(layout, bar) as read:
         for path_, value in _assemble(stored_rules, cfg, read, target, dtype):
             leaves[path_].set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def _nbytes(layout: Layout, rule: Rule, cfg: ModelConfig) -> int:
-    per = sum(math.prod(s) for s in rule.shapes) * (1 if rule.kind == "uint8" else 2)
-    return per * (cfg.num_hidden_layers if rule.per_layer else 1)
+def _expected_bytes(rules: list[Rule], cfg: ModelConfig) -> int:
+    """Bytes of the tensors `rules` describe, at bf16 for floats (a progress bar's total)."""
+    return sum(sum(math.prod(s) for s in r.shapes) * (1 if r.kind == "uint8" else 2)
+               * (cfg.num_hidden_layers if r.per_layer else 1) for r in rules)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -379,15 +390,63 @@ def _stack(cfg: ModelConfig, per_layer: bool, load: Callable[[int | None], np.nd
     return buf
 
 
+# ---- converting -------------------------------------------------------------------------------------------------
+class _LazyParams:
+    """Our flat parameters read on demand from a checkpoint: `params[path][i]` is layer i as numpy."""
+
+    def __init__(self, rules: list[Rule], read: Callable[[str], np.ndarray]):
+        self._rules = {r.path: r for r in rules}
+        self._read = read
+
+    def __contains__(self, path) -> bool:
+        return path in self._rules
+
+    def __getitem__(self, path) -> _LazyStack:
+        return _LazyStack(self._rules[path], self._read)
+
+
+@dataclasses.dataclass
+class _LazyStack:
+    rule: Rule
+    read: Callable[[str], np.ndarray]
+
+    def __getitem__(self, i: int | None) -> np.ndarray:
+        return self.rule.join([self.read(n.format(i=i)) for n in self.rule.names])
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[None], dtype=dtype)
+
+
+def convert_checkpoint(src: str | os.PathLike, dest: str | os.PathLike, format: Format, *,
+                       experts: Literal["mxfp4", "bf16"] = "mxfp4", overwrite: bool = False,
+                       max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
+    """Rewrite a checkpoint in another layout file to file, one tensor at a time (never the whole model in memory).
+
+    MXFP4 bytes are copied unchanged; bf16 tensors stay bf16, so mxfp4 -> mxfp4 conversions are lossless.
+    """
+    layout = find_layout(src)
+    rules = tensor_rules(layout.config, layout.format, layout.experts)
+    _validate(layout, rules)
+    with _Reader(layout) as read:
+        return _save(_LazyParams(rules, read), layout.config, dest, format, experts, overwrite, max_shard_bytes,
+                     progress)
+
+
 # ---- saving ----------------------------------------------------------------------------------------------------
 def save_checkpoint(model: Transformer, path: str | os.PathLike, format: Format = "original", *,
                     experts: Literal["mxfp4", "bf16"] = "mxfp4", overwrite: bool = False,
-                    max_shard_bytes: int = 2 << 30) -> Path:
+                    max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
     """Write `model` as a checkpoint the official tools load: non-expert tensors in bf16, experts MXFP4.
 
     experts="bf16" (HF format only) writes dense bf16 experts instead. Shards of at most `max_shard_bytes` (with
     model.safetensors.index.json when there are several). The folder appears only once complete.
     """
+    leaves = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    return _save(leaves, model.config, path, format, experts, overwrite, max_shard_bytes, progress)
+
+
+def _save(leaves, cfg: ModelConfig, path, format: Format, experts: str, overwrite: bool, max_shard_bytes: int,
+          progress: bool) -> Path:
     if format not in ("original", "hf"):
         raise ValueError(f"format must be 'original' or 'hf', got {format!r}")
     if experts not in ("mxfp4", "bf16"):
@@ -396,14 +455,14 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, format: Format 
         raise ValueError("the original layout stores experts only as MXFP4; use format='hf' for bf16 experts")
     dest = Path(path)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True to replace it")
-    cfg = model.config
+        raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     rules = tensor_rules(cfg, format, "dense" if experts == "bf16" else "mxfp4")
-    leaves = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        shards = _write_shards(tmp, _tensors_to_save(rules, cfg, leaves), max_shard_bytes)
+        with tqdm(total=_expected_bytes(rules, cfg), unit="B", unit_scale=True, desc=f"writing {dest.name}",
+                  disable=not progress) as bar:
+            shards = _write_shards(tmp, _tensors_to_save(rules, cfg, leaves), max_shard_bytes, bar)
         config = cfg.to_original_json() if format == "original" else cfg.to_hf_json()
         if experts == "bf16":
             config.pop("quantization_config")
@@ -446,7 +505,7 @@ def _to_file_dtype(x: np.ndarray, kind: str) -> np.ndarray:
     return np.ascontiguousarray(x.astype(np.uint8 if kind == "uint8" else ml_dtypes.bfloat16))
 
 
-def _write_shards(folder: Path, tensors, max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+def _write_shards(folder: Path, tensors, max_shard_bytes: int, bar) -> list[tuple[str, list[str]]]:
     shards: list[tuple[str, list[str]]] = []
     pending: dict[str, np.ndarray] = {}
     size = 0
@@ -463,6 +522,7 @@ def _write_shards(folder: Path, tensors, max_shard_bytes: int) -> list[tuple[str
             flush()
         pending[name] = x
         size += x.nbytes
+        bar.update(x.nbytes)
     if pending:
         flush()
     n = len(shards)

@@ -1,0 +1,126 @@
+"""`gptoss-jax`: the command line. Each subcommand has `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+DTYPES = ("bfloat16", "float32")
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def cmd_init(args) -> None:
+    import json
+
+    import jax.numpy as jnp
+
+    from gptoss_jax.config import ConfigError, ModelConfig
+    from gptoss_jax.checkpoint import save_checkpoint
+    from gptoss_jax.model import init_model, param_count
+
+    cfg = ModelConfig.preset(args.preset)
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    overrides = {}
+    for key, value in args.set:
+        if key not in fields:
+            raise ConfigError(f"--set {key}: not a ModelConfig field; fields are {sorted(fields)}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--set {key}={value}: the value must be a number") from None
+    cfg = dataclasses.replace(cfg, **overrides)
+    model = init_model(cfg, seed=args.seed, dtype=jnp.bfloat16)
+    path = save_checkpoint(model, args.out, args.format, overwrite=args.overwrite)
+    print(f"wrote a random {args.preset} checkpoint ({param_count(model):,} parameters, {args.format} layout) "
+          f"to {path}")
+
+
+def cmd_convert(args) -> None:
+    from gptoss_jax.checkpoint import convert_checkpoint, find_layout
+
+    src = find_layout(args.checkpoint)
+    path = convert_checkpoint(args.checkpoint, args.out, args.format, experts=args.experts, overwrite=args.overwrite)
+    print(f"converted {src.folder} ({src.format} layout, {src.experts} experts) to the {args.format} layout "
+          f"({args.experts} experts) in {path}")
+
+
+def cmd_next_token(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gptoss_jax.checkpoint import load_model
+    from gptoss_jax.tokenizer import harmony_encoding
+
+    enc = harmony_encoding()
+    tokens = enc.encode(args.prompt, allowed_special=set())
+    if not tokens:
+        raise ValueError("--prompt is empty")
+    model = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    logits = model(np.asarray([tokens]))[0, -1]
+    probs = jax.nn.softmax(logits)
+    top = np.argsort(-np.asarray(probs))[: args.top_k]
+    print(f"prompt: {args.prompt!r} ({len(tokens)} tokens)")
+    print(f"{'rank':>4}  {'token id':>8}  {'probability':>11}  text")
+    for rank, t in enumerate(top, 1):
+        print(f"{rank:>4}  {int(t):>8}  {float(probs[t]):>11.4f}  {enc.decode([int(t)])!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptoss-jax", description="gpt-oss-20b / gpt-oss-120b in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a random-weight checkpoint of a preset",
+                       description="Write a checkpoint with random weights at a realistic scale (MXFP4 experts).")
+    p.add_argument("--preset", default="tiny", help="tiny, 20b or 120b (default: tiny)")
+    p.add_argument("--out", required=True, help="folder to write (created; must be empty unless --overwrite)")
+    p.add_argument("--format", choices=("original", "hf"), default="original",
+                   help="original (gpt_oss.torch) or hf (transformers) layout (default: original)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ModelConfig field, e.g. --set vocab_size=1024 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint in the other layout",
+                       description="Convert between the original and the Hugging Face layouts, tensor by tensor. "
+                                   "MXFP4 expert bytes are copied unchanged (lossless).")
+    p.add_argument("--checkpoint", required=True, help="source folder (either layout, or an HF snapshot root)")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--format", choices=("original", "hf"), required=True, help="destination layout")
+    p.add_argument("--experts", choices=("mxfp4", "bf16"), default="mxfp4",
+                   help="expert storage in the destination: mxfp4 (default) or bf16 (hf only, dequantized)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("next-token", help="print the most likely next tokens after a raw-text prompt",
+                       description="Run the full forward pass on a raw-text prompt (no chat template) and print "
+                                   "the top-k next tokens with their probabilities.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (either layout)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--top-k", type=int, default=5, help="how many tokens to show (default: 5)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
+    p.set_defaults(func=cmd_next_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
+        # Bad input (checkpoint, config, arguments) is reported without a traceback.
+        print(f"gptoss-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
