@@ -2,9 +2,10 @@
 
 from gptoss_jax.checkpoint import CheckpointError, find_layout, load_model, save_checkpoint
 from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax import mxfp4
 from gptoss_jax.model import Transformer, init_model, param_bytes, param_count
 
 __all__ = [
     "CheckpointError", "ConfigError", "ModelConfig", "Transformer", "find_layout", "init_model", "load_model",
-    "param_bytes", "param_count", "save_checkpoint",
+    "mxfp4", "param_bytes", "param_count", "save_checkpoint",
 ]

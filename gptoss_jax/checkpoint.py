@@ -171,8 +171,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
 
 
+def _load_json(path: Path) -> dict:
+    try:
+        return load_json(path)
+    except ConfigError as e:  # invalid JSON is a bad checkpoint
+        raise CheckpointError(str(e)) from None
+
+
 def _read_layout(folder: Path) -> Layout:
-    data = load_json(folder / "config.json")
+    data = _load_json(folder / "config.json")
     fmt: Format = "hf" if "model_type" in data else "original"
     if fmt == "original" and "num_experts" not in data:
         raise CheckpointError(f"{folder / 'config.json'} is neither an original gpt-oss config (num_experts, ...) "
@@ -196,8 +203,8 @@ def _open(file: Path):
 def _tensor_files(folder: Path) -> dict[str, Path]:
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: expected a 'weight_map' object of tensor name -> file")
         files = {name: folder / f for name, f in weight_map.items()}
         for f in sorted(set(files.values())):

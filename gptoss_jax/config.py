@@ -121,13 +121,11 @@ class ModelConfig:
 
     def to_hf_json(self) -> dict[str, Any]:
         """What transformers writes for `GptOssConfig`, with MXFP4 experts."""
-        return {
+        out = {
             "architectures": ["GptOssForCausalLM"],
             "model_type": "gpt_oss",
             "attention_bias": True,
             "attention_dropout": 0.0,
-            "eos_token_id": 200002,
-            "pad_token_id": 199999,
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
@@ -158,6 +156,10 @@ class ModelConfig:
                                            "model.embed_tokens", "lm_head"],
             },
         }
+        # The Harmony ids of <|return|> and <|endoftext|>; transformers requires the pad id inside the vocab.
+        if self.vocab_size > 200002:
+            out |= {"eos_token_id": 200002, "pad_token_id": 199999}
+        return out
 
     def _hf_rope(self) -> dict[str, Any]:
         return {"rope_type": "yarn", "factor": self.rope_scaling_factor, "beta_fast": self.rope_ntk_beta,

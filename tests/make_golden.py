@@ -139,7 +139,9 @@ Agreement of the references (|HF - OpenAI| over all {BATCH}x{LENGTH}x256 logits;
 |---|---|---|---|---|
 {table}
 
-transformers on `hf_mxfp4` vs on `hf_bf16`: max abs diff {cross:.1e} (same model, exact dequantization).
+The rows coincide because the three folders hold one model; transformers on `hf_mxfp4` vs on `hf_bf16`:
+max abs diff {cross:.1e} (exact dequantization). With a 256-token vocabulary near-ties are common, so a bf16
+run matches the float32 argmax on only part of the positions (last column): set argmax thresholds with that in mind.
 """
     (out / "README.md").write_text(text)
 

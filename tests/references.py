@@ -373,6 +373,8 @@ def openai_logits(path, tokens) -> np.ndarray:
     import torch
     from gpt_oss.torch.model import Transformer
 
+    if "model_type" in json.loads((Path(path) / "config.json").read_text()):
+        raise ValueError(f"{path} is a Hugging Face layout; gpt_oss.torch reads the original layout only")
     model = Transformer.from_checkpoint(str(path), device="cpu").float().eval()
     tokens = np.asarray(tokens)
     assert tokens.ndim == 2, "tokens must be [B, T]"
