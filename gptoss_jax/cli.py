@@ -59,6 +59,8 @@ def cmd_next_token(args) -> None:
     from gptoss_jax.checkpoint import load_model
     from gptoss_jax.tokenizer import harmony_encoding
 
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     enc = harmony_encoding()
     tokens = enc.encode(args.prompt, allowed_special=set())
     if not tokens:

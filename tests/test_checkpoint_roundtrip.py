@@ -87,7 +87,7 @@ def test_load_save_load_is_bit_identical(saved, root, tokens, reference_logits, 
     again = load(out)
     assert hasattr(again.blocks.mlp.mlp1, "weight" if dest == "hf-bf16" else "blocks")
     np.testing.assert_array_equal(np.asarray(again(tokens)), reference_logits)
-    if src == dest or {src, dest} <= {"original", "hf"} and TARGETS[src][0] == TARGETS[dest][0]:
+    if not (src == "hf-bf16" and dest != "hf-bf16"):  # (re-encoding dense experts may pick other, equal codes)
         assert_same_tensors(tensors(out), tensors(saved[dest]))
 
 
@@ -125,8 +125,8 @@ def test_sharded_save_writes_an_index_and_loads_identically(saved, root, tokens,
         assert sorted(load_file(out / s)) == sorted(k for k, v in index["weight_map"].items() if v == s)
     unsharded = tensors(saved[target])
     assert_same_tensors(tensors(out), unsharded)
-    for s in shards[:-1]:  # no shard beyond the limit unless a single tensor is larger
-        assert (out / s).stat().st_size < 100_000 + 70_000
+    for s in shards:  # no tensor here exceeds the limit, so no shard's data does (the header adds a little)
+        assert (out / s).stat().st_size <= 100_000 + 8_192
     np.testing.assert_array_equal(np.asarray(load(out)(tokens)), reference_logits)
 
 

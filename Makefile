@@ -1,0 +1,53 @@
+# Each target sets itself up from nothing but Python: the venv and the installs are made on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CHECKPOINT ?=
+PROMPT ?= The capital of France is
+PYTEST_ARGS ?=
+
+.PHONY: demo test parity golden clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+# The references: torch (CPU), transformers, and OpenAI's gpt-oss, whose wheel declares Python >= 3.12 although
+# its torch code runs on 3.11, hence --ignore-requires-python (and --no-deps: its other needs are for serving).
+$(VENV)/.installed-reference: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e ".[test,reference]"
+	$(BIN)/python -m pip download -q --no-deps --python-version 3.12 --only-binary :all: -d $(VENV)/wheels gpt-oss==0.0.9
+	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python $(VENV)/wheels/gpt_oss-0.0.9-py3-none-any.whl
+	touch $@
+
+# Top-5 next tokens for PROMPT; makes a tiny random checkpoint unless CHECKPOINT=DIR is given.
+demo: $(VENV)/.installed
+ifeq ($(CHECKPOINT),)
+	@test -f demo-checkpoint/config.json || $(BIN)/gptoss-jax init --preset tiny --out demo-checkpoint
+	$(BIN)/gptoss-jax next-token --checkpoint demo-checkpoint --prompt "$(PROMPT)"
+else
+	$(BIN)/gptoss-jax next-token --checkpoint "$(CHECKPOINT)" --prompt "$(PROMPT)"
+endif
+
+# The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed).
+test: $(VENV)/.installed-test
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The parity tier: live comparison against transformers and gpt_oss.torch; a missing reference fails.
+parity: $(VENV)/.installed-reference
+	GPTOSS_REQUIRE_REFERENCES=1 $(BIN)/pytest -m parity $(PYTEST_ARGS)
+
+# Rebuild the committed golden fixtures from the references.
+golden: $(VENV)/.installed-reference
+	$(BIN)/python tests/make_golden.py
+
+clean:
+	rm -rf $(VENV) demo-checkpoint .pytest_cache
