@@ -15,7 +15,8 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
     """x @ w.T (+ b) with w stored (out, in) as in both checkpoint layouts; accumulates in float32.
 
     Keep every big dense product here: on XLA:CPU the fast form of a bf16 matrix-vector product depends on the
-    dot's form and the batch (docs/cpu.md), and this is the one place that chooses it.
+    dot's form and the batch (10x cliffs; see "Performance notes" in the README), so this is the one place that
+    chooses it.
     """
     y = jax.lax.dot_general(x, w_OI, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if b_O is not None:
