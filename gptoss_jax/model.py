@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import ops
+from gptoss_jax import kvcache, ops
 from gptoss_jax.config import MXFP4_BLOCK, ModelConfig
 from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.rope import apply_rope, rope_cos_sin
@@ -54,7 +54,9 @@ class Attention(nnx.Module):
         self.out_b = nnx.Param(_normal(rngs, (D,), 0.02, dtype), axes=("embed",))
         self.sinks = nnx.Param(_normal(rngs, (cfg.num_attention_heads,), 1.0, dtype), axes=("heads",))
 
-    def __call__(self, x_BTD, cos, sin, *, window: int):
+    def __call__(self, x_BTD, cos, sin, *, window: int, kv=None, chunk=None):
+        """Whole-sequence attention, or with `kv` = (layer k, layer v, is_ring) a chunk over a KV cache, which
+        returns the updated layer cache too."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         K, G, H = cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
@@ -63,9 +65,14 @@ class Attention(nnx.Module):
         q_BTKGH = apply_rope(q.reshape(B, T, K, G, H), cos, sin)  # query head k*G + g reads kv head k
         k_BTKH = apply_rope(k.reshape(B, T, K, H), cos, sin)
         v_BTKH = v.reshape(B, T, K, H)
-        o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, self.sinks[...].reshape(K, G), window=window,
-                          sm_scale=H**-0.5)
-        return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w[...], self.out_b[...])
+        sinks_KG = self.sinks[...].reshape(K, G)
+        if kv is None:
+            o, new_kv = ops.attention(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, window=window, sm_scale=H**-0.5), None
+        else:
+            layer_k, layer_v, ring = kv
+            o, *new_kv = kvcache.attend(layer_k, layer_v, q_BTKGH, k_BTKH, v_BTKH, sinks_KG, chunk, window=window,
+                                        sm_scale=H**-0.5, ring=ring)
+        return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w[...], self.out_b[...]), new_kv
 
 
 class PackedExperts(nnx.Module):
@@ -152,11 +159,11 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, dtype, rngs)
         self.mlp = MoE(cfg, dtype, experts, rngs)
 
-    def __call__(self, x_BTD, cos, sin, *, window: int):
+    def __call__(self, x_BTD, cos, sin, *, window: int, kv=None, chunk=None):
         with jax.named_scope("attention"):
-            x_BTD = self.attn(x_BTD, cos, sin, window=window)
+            x_BTD, new_kv = self.attn(x_BTD, cos, sin, window=window, kv=kv, chunk=chunk)
         with jax.named_scope("moe"):
-            return self.mlp(x_BTD)
+            return self.mlp(x_BTD), new_kv
 
 
 class Transformer(nnx.Module):
@@ -184,33 +191,61 @@ class Transformer(nnx.Module):
         return _jitted_forward(self, check_tokens(tokens_BT, self.config))
 
     def forward(self, tokens_BT) -> jax.Array:
-        cfg = self.config
         T = tokens_BT.shape[1]
-        x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
-        cos, sin = rope_cos_sin(jnp.arange(T)[None], cfg)
-        x_BTD = self._run_blocks(x_BTD, cos, sin)
-        x_BTD = self.norm(x_BTD)
-        return ops.linear(x_BTD, self.unembedding[...], out_dtype=jnp.float32)
+        x_BTD = self._embed(tokens_BT)
+        cos, sin = rope_cos_sin(jnp.arange(T)[None], self.config)
+        x_BTD, _ = self._run_blocks(x_BTD, cos, sin)
+        return self.logits(self.norm(x_BTD))
 
-    def _run_blocks(self, x_BTD, cos, sin):
+    def extend(self, tokens_BT, cache: kvcache.KVCache, n_B) -> tuple[jax.Array, kvcache.KVCache]:
+        """Run a chunk of new tokens over the cache: row b's first n_B[b] tokens are real and continue from
+        position cache.lengths[b]. Returns the final-normed hidden states [B, T, D] and the updated cache."""
+        chunk = kvcache.Chunk(cache.lengths, n_B.astype(jnp.int32))
+        x_BTD = self._embed(tokens_BT)
+        cos, sin = rope_cos_sin(chunk.positions(tokens_BT.shape[1]), self.config)
+        x_BTD, layers = self._run_blocks(x_BTD, cos, sin, (cache.full_k, cache.full_v, cache.ring_k,
+                                                           cache.ring_v), chunk)
+        return self.norm(x_BTD), kvcache.KVCache(*layers, cache.lengths + chunk.n)
+
+    def logits(self, h) -> jax.Array:
+        """Unembedding (no bias) of final-normed hidden states; float32."""
+        return ops.linear(h, self.unembedding[...], out_dtype=jnp.float32)
+
+    def _embed(self, tokens_BT):
+        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+
+    def _run_blocks(self, x_BTD, cos, sin, caches=None, chunk=None):
+        """The layer stack under a scan over (sliding, full) pairs. `caches` = (full k, full v, ring k, ring v)
+        stacked per layer kind, carried through the scan and updated in place."""
         cfg = self.config
         graphdef, state = nnx.split(self.blocks)
         L = cfg.num_hidden_layers
 
-        def layer(x, layer_state, i):
-            with jax.named_scope(f"block_{'sliding' if cfg.layer_window(i) else 'full'}"):
-                return nnx.merge(graphdef, layer_state)(x, cos, sin, window=cfg.layer_window(i))
+        def layer(x, caches, layer_state, i, idx):
+            window, ring = cfg.layer_window(i), i % 2 == 0
+            kv = None
+            if caches is not None:
+                k_all, v_all = caches[2:] if ring else caches[:2]
+                kv = (k_all[idx], v_all[idx], ring)
+            with jax.named_scope(f"block_{'sliding' if window else 'full'}"):
+                x, new_kv = nnx.merge(graphdef, layer_state)(x, cos, sin, window=window, kv=kv, chunk=chunk)
+            if caches is not None:
+                updated = tuple(a.at[idx].set(n) for a, n in zip(caches[2:] if ring else caches[:2], new_kv))
+                caches = caches[:2] + updated if ring else updated + caches[2:]
+            return x, caches
 
-        def pair(x, pair_state):
+        def pair(carry, xs):
+            x, caches = carry
+            pair_state, idx = xs
             for i in (0, 1):
-                x = layer(x, jax.tree.map(lambda a: a[i], pair_state), i)
-            return x, None
+                x, caches = layer(x, caches, jax.tree.map(lambda a: a[i], pair_state), i, idx)
+            return (x, caches), None
 
         pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
-        x_BTD, _ = jax.lax.scan(pair, x_BTD, pairs)
+        (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))
         if L % 2:  # a trailing even-indexed (sliding) layer
-            x_BTD = layer(x_BTD, jax.tree.map(lambda a: a[L - 1], state), L - 1)
-        return x_BTD
+            x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: a[L - 1], state), L - 1, L // 2)
+        return x_BTD, caches
 
 
 @nnx.jit

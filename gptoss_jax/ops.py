@@ -24,9 +24,14 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
     return y.astype(out_dtype or x.dtype)
 
 
-def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float):
-    """Causal attention with sinks and an optional sliding window over a whole sequence; [B, T, K, G, H]."""
-    return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, window=window, sm_scale=sm_scale)
+def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None):
+    """Causal attention with sinks and an optional sliding window; [B, T, K, G, H].
+
+    Without positions: a whole sequence from position 0. With them: queries against a KV cache's slots, whose
+    position is -1 when empty.
+    """
+    return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, window=window, sm_scale=sm_scale, q_pos_BT=q_pos_BT,
+                         k_pos_BS=k_pos_BS)
 
 
 def grouped_matmul(x_MK, group_sizes_E, w, bias_EN):

@@ -8,28 +8,32 @@ import jax
 import jax.numpy as jnp
 
 
-def band_mask(q_pos_T: jax.Array, k_pos_S: jax.Array, window: int) -> jax.Array:
-    """[T, S] bool: key j is visible to query i iff j <= i and (window == 0 or i - j < window).
+def band_mask(q_pos, k_pos, window: int) -> jax.Array:
+    """[..., T, S] bool: key j is visible to query i iff 0 <= pos_j <= pos_i and (window == 0 or
+    pos_i - pos_j < window). A negative key position marks an empty cache slot.
 
     So a window of 128 admits 128 keys, the query's own included (FlashAttention's (127, 0)).
     """
-    diff = q_pos_T[:, None] - k_pos_S[None, :]
-    visible = diff >= 0
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    visible = (diff >= 0) & (k_pos[..., None, :] >= 0)
     if window:
         visible &= diff < window
     return visible
 
 
-def attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float):
+def attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None,
+                  k_pos_BS=None):
     """Softmax attention whose denominator also holds e^sink for each query head; output [B, T, K, G, H].
 
-    Queries and keys both start at position 0 (a whole-sequence forward). Scores, softmax and the sink are in
-    float32; the sink is not scaled by `sm_scale`.
+    Positions default to 0..T-1 and 0..S-1 (a whole-sequence forward); a KV cache passes its own, with -1 for
+    empty slots. Scores, softmax and the sink are in float32; the sink is not scaled by `sm_scale`.
     """
-    T, S = q_BTKGH.shape[1], k_BSKH.shape[1]
+    B, T, S = q_BTKGH.shape[0], q_BTKGH.shape[1], k_BSKH.shape[1]
+    q_pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if q_pos_BT is None else q_pos_BT
+    k_pos_BS = jnp.broadcast_to(jnp.arange(S), (B, S)) if k_pos_BS is None else k_pos_BS
     s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * sm_scale
-    mask_TS = band_mask(jnp.arange(T), jnp.arange(S), window)
-    s_BKGTS = jnp.where(mask_TS, s_BKGTS, -jnp.inf)
+    mask_B11TS = band_mask(q_pos_BT, k_pos_BS, window)[:, None, None]
+    s_BKGTS = jnp.where(mask_B11TS, s_BKGTS, -jnp.inf)
     sink_KG11 = sinks_KG.astype(jnp.float32)[:, :, None, None]
     m = jnp.maximum(s_BKGTS.max(axis=-1, keepdims=True), sink_KG11)
     p_BKGTS = jnp.exp(s_BKGTS - m)
