@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CHECKPOINT ?=
-PROMPT ?= The capital of France is
+PROMPT ?= What is the capital of France?
 PYTEST_ARGS ?=
 
 .PHONY: demo test parity golden clean
@@ -28,13 +28,13 @@ $(VENV)/.installed-reference: pyproject.toml $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python $(VENV)/wheels/gpt_oss-0.0.9-py3-none-any.whl
 	touch $@
 
-# Top-5 next tokens for PROMPT; makes a tiny random checkpoint unless CHECKPOINT=DIR is given.
+# A Harmony chat reply to PROMPT, streamed; makes a tiny random checkpoint unless CHECKPOINT=DIR is given.
 demo: $(VENV)/.installed
 ifeq ($(CHECKPOINT),)
 	@test -f demo-checkpoint/config.json || $(BIN)/gptoss-jax init --preset tiny --out demo-checkpoint
-	$(BIN)/gptoss-jax next-token --checkpoint demo-checkpoint --prompt "$(PROMPT)"
+	$(BIN)/gptoss-jax generate --checkpoint demo-checkpoint --prompt "$(PROMPT)" --max-new-tokens 32
 else
-	$(BIN)/gptoss-jax next-token --checkpoint "$(CHECKPOINT)" --prompt "$(PROMPT)"
+	$(BIN)/gptoss-jax generate --checkpoint "$(CHECKPOINT)" --prompt "$(PROMPT)" --max-new-tokens 256
 endif
 
 # The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed).

@@ -2,12 +2,12 @@
 
 from gptoss_jax.checkpoint import CheckpointError, find_layout, load_model, save_checkpoint
 from gptoss_jax.config import ConfigError, ModelConfig
-from gptoss_jax import mxfp4
+from gptoss_jax import harmony, mxfp4
 from gptoss_jax.generate import Sampling, generate
 from gptoss_jax.kvcache import KVCache
 from gptoss_jax.model import Transformer, init_model, param_bytes, param_count
 
 __all__ = [
     "CheckpointError", "ConfigError", "KVCache", "ModelConfig", "Sampling", "Transformer", "find_layout", "generate", "init_model", "load_model",
-    "mxfp4", "param_bytes", "param_count", "save_checkpoint",
+    "harmony", "mxfp4", "param_bytes", "param_count", "save_checkpoint",
 ]

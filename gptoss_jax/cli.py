@@ -75,6 +75,138 @@ def cmd_next_token(args) -> None:
         print(f"{rank:>4}  {int(t):>8}  {float(probs[t]):>11.4f}  {enc.decode([int(t)])!r}")
 
 
+def _load(args):
+    import jax.numpy as jnp
+
+    from gptoss_jax.checkpoint import load_model
+
+    return load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+
+
+def _sampling_kwargs(args) -> dict:
+    from gptoss_jax.generate import Sampling
+
+    Sampling(args.temperature, args.top_p, args.top_k, args.seed)  # validates, naming the bad value
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed}
+
+
+class _Printer:
+    """Streams Harmony deltas: reasoning set apart (dimmed on a terminal), the answer plain."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.color = self.out.isatty()
+        self.field = None
+
+    def __call__(self, deltas) -> None:
+        for d in deltas:
+            if d.field != self.field:
+                self._switch(d.field, d)
+            self.out.write(self._style(d.text))
+        self.out.flush()
+
+    def _switch(self, field, d) -> None:
+        if self.field is not None:
+            self.out.write("\n")
+        titles = {"reasoning_content": "[reasoning]", "tool_calls": f"[tool call {d.recipient or ''}]",
+                  "content": "[answer]"}
+        self.out.write(self._style(titles.get(field, f"[{field}]"), bold=True) + "\n")
+        self.field = field
+
+    def _style(self, text: str, bold: bool = False) -> str:
+        if not self.color or not text:
+            return text
+        code = "1" if bold else ("2" if self.field == "reasoning_content" else "0")
+        return f"\033[{code}m{text}\033[0m"
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _stream_chat(model, messages, args, printer) -> dict:
+    from gptoss_jax import harmony
+    from gptoss_jax.generate import generate
+
+    prompt = harmony.render_chat(messages, reasoning_effort=args.reasoning_effort)
+    parser = harmony.StreamParser()
+    generate(model, prompt, stop_tokens=harmony.stop_tokens(), **_sampling_kwargs(args),
+             on_token=lambda step: printer(parser.feed(step[0])) if step[0] is not None else None)
+    printer(parser.close())
+    printer.end()
+    return parser.finish()
+
+
+def cmd_generate(args) -> None:
+    from gptoss_jax import harmony
+    from gptoss_jax.generate import generate
+
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
+    _sampling_kwargs(args)
+    model = _load(args)
+    if not args.raw:
+        _stream_chat(model, [{"role": "user", "content": args.prompt}], args, _Printer())
+        return
+    tokens, shown = [], ""
+
+    def show(step):
+        nonlocal shown
+        if step[0] is None:
+            return
+        tokens.append(step[0])
+        text = harmony.decode(tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    generate(model, harmony.encode(args.prompt), **_sampling_kwargs(args), on_token=show)
+    sys.stdout.write(harmony.decode(tokens)[len(shown):] + "\n")
+
+
+def cmd_chat(args) -> None:
+    _sampling_kwargs(args)
+    model = _load(args)
+    printer = _Printer()
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("gptoss-jax chat: type a message; /reset starts over, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _stream_chat(model, messages, args, printer)
+        printer.field = None
+        # Harmony drops this turn's reasoning from later prompts; keeping it here is harmless.
+        messages.append({"role": "assistant", "content": reply["content"] or "",
+                         "reasoning_content": reply["reasoning_content"]})
+
+
+def _add_sampling(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="0 = greedy; the model card recommends 1.0 (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same tokens (default: 0)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss-jax", description="gpt-oss-20b / gpt-oss-120b in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,6 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="how many tokens to show (default: 5)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
     p.set_defaults(func=cmd_next_token)
+
+    p = sub.add_parser("generate", help="generate a reply (Harmony chat) or a raw-text continuation",
+                       description="Load a checkpoint and stream a reply to --prompt as a one-turn Harmony chat: "
+                                   "the reasoning (analysis channel) set apart from the answer (final channel). "
+                                   "--raw continues the text as is instead.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (either layout)")
+    p.add_argument("--prompt", required=True, help="the user message (or, with --raw, the text to continue)")
+    p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
+                       description="A multi-turn Harmony chat that streams tokens and shows the reasoning apart "
+                                   "from the answer. /reset clears the conversation, /exit or Ctrl-D quits.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (either layout)")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--system", default="", help="instructions for the model (the developer message)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
