@@ -97,3 +97,20 @@ def test_checkpoints_we_save_in_original_format_load_in_gpt_oss_torch(our_model,
     path = gj.save_checkpoint(our_model, tmp_path / "original", "original", progress=False)
     ours = np.asarray(gj.load_model(path, jnp.float32, progress=False)(TOKENS))
     assert relative_error(ours, references.openai_logits(path, TOKENS)) <= TOLERANCE
+
+
+def test_greedy_generation_matches_transformers(checkpoints):
+    """Prompts of 150 tokens and 60 new ones: the KV cache and its 128-slot rings against transformers' own
+    cached greedy generation, float32."""
+    import torch
+
+    prompts = TOKENS[:2, :150]
+    hf = references.load_hf_model(checkpoints / "hf_mxfp4")
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():  # an explicit mask: otherwise transformers masks every id equal to pad_token_id
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, min_new_tokens=60,
+                          do_sample=False, pad_token_id=0)
+    expected = out[:, 150:].tolist()
+    ours = gj.generate(gj.load_model(checkpoints / "original", jnp.float32, progress=False),
+                       [list(p) for p in prompts], max_new_tokens=60, temperature=0)
+    assert ours == expected
