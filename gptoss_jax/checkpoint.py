@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import ConfigError, ModelConfig, load_json
-from gptoss_jax.model import Transformer
+from gptoss_jax.model import Block, Transformer, non_block_params
 
 Format = Literal["original", "hf"]
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -437,6 +437,53 @@ def convert_checkpoint(src: str | os.PathLike, dest: str | os.PathLike, format: 
     with _Reader(layout) as read:
         return _save(_LazyParams(rules, read), layout.config, dest, format, experts, overwrite, max_shard_bytes,
                      progress)
+
+
+class _RandomParams:
+    """Random parameters made one layer at a time (the same distribution as `init_model`), for writing a
+    checkpoint of any size without holding the model in memory. `params[path][i]` is layer i as numpy."""
+
+    def __init__(self, cfg: ModelConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self._cached: tuple[int | None, dict] = (None, {})
+
+    def _make(self, i: int | None) -> dict:
+        rngs = nnx.Rngs(jax.random.fold_in(jax.random.key(self.seed), 0 if i is None else i + 1))
+        if i is None:
+            emb, norm, unemb = non_block_params(self.cfg, jnp.bfloat16, rngs)
+            return {("embedding",): emb, ("norm", "scale"): norm.scale, ("unembedding",): unemb}
+        block = Block(self.cfg, jnp.bfloat16, "mxfp4", rngs)
+        return {("blocks", *p): v for p, v in nnx.to_flat_state(nnx.state(block))}
+
+    def values(self, i: int | None) -> dict:
+        if self._cached[0] != i or not self._cached[1]:
+            self._cached = (i, {p: np.asarray(v.get_value()) for p, v in self._make(i).items()})
+        return self._cached[1]
+
+    def __contains__(self, path) -> bool:
+        return path[0] != "blocks" or path[-1] != "weight"  # experts are made packed
+
+    def __getitem__(self, path) -> _RandomStack:
+        return _RandomStack(self, path)
+
+
+@dataclasses.dataclass
+class _RandomStack:
+    params: _RandomParams
+    path: tuple[str, ...]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.params.values(i)[self.path]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.params.values(None)[self.path], dtype=dtype)
+
+
+def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike, format: Format = "original", *, seed: int = 0,
+                            overwrite: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
+    """A random-weight checkpoint (MXFP4 experts) streamed to disk layer by layer: a 20b or 120b never needs to
+    fit in memory. Same distribution as `init_model`, not the same values."""
+    return _save(_RandomParams(cfg, seed), cfg, path, format, "mxfp4", overwrite, max_shard_bytes, progress)
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ def cmd_init(args) -> None:
 
     import jax.numpy as jnp
 
+    from flax import nnx
+
+    from gptoss_jax.checkpoint import write_random_checkpoint
     from gptoss_jax.config import ConfigError, ModelConfig
-    from gptoss_jax.checkpoint import save_checkpoint
     from gptoss_jax.model import init_model, param_count
 
     cfg = ModelConfig.preset(args.preset)
@@ -36,10 +38,9 @@ def cmd_init(args) -> None:
         except json.JSONDecodeError:
             raise ConfigError(f"--set {key}={value}: the value must be a number") from None
     cfg = dataclasses.replace(cfg, **overrides)
-    model = init_model(cfg, seed=args.seed, dtype=jnp.bfloat16)
-    path = save_checkpoint(model, args.out, args.format, overwrite=args.overwrite)
-    print(f"wrote a random {args.preset} checkpoint ({param_count(model):,} parameters, {args.format} layout) "
-          f"to {path}")
+    path = write_random_checkpoint(cfg, args.out, args.format, seed=args.seed, overwrite=args.overwrite)
+    count = param_count(nnx.eval_shape(lambda: init_model(cfg, dtype=jnp.bfloat16)))
+    print(f"wrote a random {args.preset} checkpoint ({count:,} parameters, {args.format} layout) to {path}")
 
 
 def cmd_convert(args) -> None:
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="write a random-weight checkpoint of a preset",
-                       description="Write a checkpoint with random weights at a realistic scale (MXFP4 experts).")
+                       description="Write a checkpoint with random weights at a realistic scale (MXFP4 experts), "
+                                   "layer by layer, so even the 120b needs only one layer in memory.")
     p.add_argument("--preset", default="tiny", help="tiny, 20b or 120b (default: tiny)")
     p.add_argument("--out", required=True, help="folder to write (created; must be empty unless --overwrite)")
     p.add_argument("--format", choices=("original", "hf"), default="original",

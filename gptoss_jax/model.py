@@ -166,6 +166,13 @@ class Block(nnx.Module):
             return self.mlp(x_BTD), new_kv
 
 
+def non_block_params(cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> tuple[nnx.Param, RMSNorm, nnx.Param]:
+    """The embedding, the final norm and the (untied) unembedding, randomly initialised."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    return (nnx.Param(_normal(rngs, (V, D), 1.0, dtype), axes=("vocab", "embed")), RMSNorm(cfg, dtype, rngs),
+            nnx.Param(_normal(rngs, (V, D), D**-0.5, dtype), axes=("vocab", "embed")))
+
+
 class Transformer(nnx.Module):
     """gpt-oss. `model(tokens)`: int32 [B, T] -> float32 logits [B, T, vocab] (full causal forward, no cache)."""
 
@@ -173,8 +180,7 @@ class Transformer(nnx.Module):
                  rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
-        D, V = cfg.hidden_size, cfg.vocab_size
-        self.embedding = nnx.Param(_normal(rngs, (V, D), 1.0, dtype), axes=("vocab", "embed"))
+        self.embedding, self.norm, self.unembedding = non_block_params(cfg, dtype, rngs)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -182,8 +188,6 @@ class Transformer(nnx.Module):
             return Block(cfg, dtype, experts, rngs)
 
         self.blocks = stacked_blocks(rngs)  # every leaf has a leading layer axis
-        self.norm = RMSNorm(cfg, dtype, rngs)
-        self.unembedding = nnx.Param(_normal(rngs, (V, D), D**-0.5, dtype), axes=("vocab", "embed"))
 
     def __call__(self, tokens_BT) -> jax.Array:
         if isinstance(tokens_BT, jax.core.Tracer):

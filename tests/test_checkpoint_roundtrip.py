@@ -307,3 +307,22 @@ def test_convert_refuses_a_non_empty_destination(saved, tmp_path):
     with pytest.raises(FileExistsError):
         convert_checkpoint(saved["original"], dest, "hf", progress=False)
     assert [p.name for p in dest.iterdir()] == ["x"]
+
+
+def test_write_random_checkpoint_streams_a_realistic_model(tmp_path):
+    """The layer-by-layer writer (what `gptoss-jax init` uses for any size) gives a loadable model whose layers
+    differ and whose weights have init_model's scale."""
+    from gptoss_jax.checkpoint import write_random_checkpoint
+
+    cfg = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=3)
+    path = write_random_checkpoint(cfg, tmp_path / "r", "hf", seed=2, progress=False)
+    model = gj.load_model(path, jnp.float32, progress=False)
+    reference = gj.init_model(cfg, seed=2, dtype=jnp.float32)
+    for name in ("qkv_w", "sinks", "out_b"):
+        ours = np.asarray(getattr(model.blocks.attn, name)[...])
+        ref = np.asarray(getattr(reference.blocks.attn, name)[...])
+        assert not np.array_equal(ours[0], ours[1])
+        assert 0.8 < ours.std() / ref.std() < 1.25
+    scales = [np.asarray(m.blocks.mlp.mlp1.scales[...], np.float64).mean() for m in (model, reference)]
+    assert abs(scales[0] - scales[1]) < 0.1  # the same expert weight scale
+    assert np.isfinite(np.asarray(model(np.array([[1, 2, 3]])))).all()
