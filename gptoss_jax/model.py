@@ -245,8 +245,9 @@ class Transformer(nnx.Module):
                 x, caches = layer(x, caches, jax.tree.map(lambda a: a[i], pair_state), i, idx)
             return (x, caches), None
 
-        pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
-        (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))
+        if L // 2:
+            pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
+            (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))
         if L % 2:  # a trailing even-indexed (sliding) layer
             x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: a[L - 1], state), L - 1, L // 2)
         return x_BTD, caches

@@ -125,3 +125,20 @@ def test_sampling_follows_the_softmax_and_its_filters():
     assert set(_draw(logits, temperature=0.0, nucleus=False)) == {0}
     hot = np.bincount(_draw(logits, temperature=3.0, nucleus=False), minlength=4) / 4000
     assert hot[3] > 0.12  # a higher temperature flattens the distribution
+
+
+def test_generation_stops_on_harmony_stop_tokens():
+    """A rigged unembedding makes <|return|> or <|call|> the only likely token (which one depends on the sign of
+    the last hidden state's first feature); swapping the rows makes it the other one. Each run stops at once."""
+    cfg = dataclasses.replace(gj.ModelConfig.tiny(), num_hidden_layers=1)  # one sliding layer, no scan
+    model = gj.init_model(cfg, seed=0, dtype=jnp.float32)
+    assert set(gj.harmony.stop_tokens()) == {200002, 200012}
+    ret, call = 200002, 200012  # <|return|>, <|call|>
+    outs = []
+    for sign in (1.0, -1.0):
+        w = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
+        w[ret, 0], w[call, 0] = 100 * sign, -100 * sign
+        model.unembedding.set_value(jnp.asarray(w))
+        outs.append(gj.generate(model, [200006, 1, 2, 3], max_new_tokens=10, temperature=0,
+                                stop_tokens=gj.harmony.stop_tokens()))
+    assert sorted(outs) == [[200002], [200012]]
