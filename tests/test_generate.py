@@ -142,3 +142,15 @@ def test_generation_stops_on_harmony_stop_tokens():
         outs.append(gj.generate(model, [200006, 1, 2, 3], max_new_tokens=10, temperature=0,
                                 stop_tokens=gj.harmony.stop_tokens()))
     assert sorted(outs) == [[200002], [200012]]
+
+
+def test_no_recompilation_per_prompt_length_or_token(model):
+    """Prompt lengths inside one bucket and every decode step reuse one compiled prefill and one decode step."""
+    import importlib
+
+    engine = importlib.import_module("gptoss_jax.generate")
+    gj.generate(model, list(range(1, 21)), max_new_tokens=3, temperature=0)
+    sizes = engine._prefill_chunk._cache_size(), engine._decode_step._cache_size()
+    for n in (23, 27, 31):
+        gj.generate(model, list(range(1, n + 1)), max_new_tokens=8, temperature=0)
+    assert (engine._prefill_chunk._cache_size(), engine._decode_step._cache_size()) == sizes
