@@ -207,9 +207,9 @@ class Transformer(nnx.Module):
         chunk = kvcache.Chunk(cache.lengths, n_B.astype(jnp.int32))
         x_BTD = self._embed(tokens_BT)
         cos, sin = rope_cos_sin(chunk.positions(tokens_BT.shape[1]), self.config)
-        x_BTD, layers = self._run_blocks(x_BTD, cos, sin, (cache.full_k, cache.full_v, cache.ring_k,
-                                                           cache.ring_v), chunk)
-        return self.norm(x_BTD), kvcache.KVCache(*layers, cache.lengths + chunk.n)
+        caches = {"full": (cache.full_k, cache.full_v), "ring": (cache.ring_k, cache.ring_v)}
+        x_BTD, caches = self._run_blocks(x_BTD, cos, sin, caches, chunk)
+        return self.norm(x_BTD), kvcache.KVCache(*caches["full"], *caches["ring"], cache.lengths + chunk.n)
 
     def logits(self, h) -> jax.Array:
         """Unembedding (no bias) of final-normed hidden states; float32."""
@@ -219,23 +219,19 @@ class Transformer(nnx.Module):
         return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
     def _run_blocks(self, x_BTD, cos, sin, caches=None, chunk=None):
-        """The layer stack under a scan over (sliding, full) pairs. `caches` = (full k, full v, ring k, ring v)
-        stacked per layer kind, carried through the scan and updated in place."""
+        """The layer stack under a scan over (sliding, full) pairs. `caches` = {"full": (k, v), "ring": (k, v)},
+        each stacked over its layers, is carried through the scan and updated in place."""
         cfg = self.config
         graphdef, state = nnx.split(self.blocks)
         L = cfg.num_hidden_layers
 
         def layer(x, caches, layer_state, i, idx):
-            window, ring = cfg.layer_window(i), i % 2 == 0
-            kv = None
-            if caches is not None:
-                k_all, v_all = caches[2:] if ring else caches[:2]
-                kv = (k_all[idx], v_all[idx], ring)
+            window, kind = cfg.layer_window(i), "ring" if i % 2 == 0 else "full"
+            kv = None if caches is None else (*(a[idx] for a in caches[kind]), kind == "ring")
             with jax.named_scope(f"block_{'sliding' if window else 'full'}"):
                 x, new_kv = nnx.merge(graphdef, layer_state)(x, cos, sin, window=window, kv=kv, chunk=chunk)
             if caches is not None:
-                updated = tuple(a.at[idx].set(n) for a, n in zip(caches[2:] if ring else caches[:2], new_kv))
-                caches = caches[:2] + updated if ring else updated + caches[2:]
+                caches = {**caches, kind: tuple(a.at[idx].set(n) for a, n in zip(caches[kind], new_kv))}
             return x, caches
 
         def pair(carry, xs):
