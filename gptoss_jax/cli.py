@@ -264,10 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="instructions for the model (the developer message)")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
+
+    # `bench` has its own parser (gptoss_jax.bench); main() hands it the arguments unparsed.
+    sub.add_parser("bench", help="generation speed against transformers and the roofline (bench --help)",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from gptoss_jax.bench import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
