@@ -71,11 +71,11 @@ def test_same_seed_same_tokens(model):
 
 def test_stop_tokens_end_each_row_independently(model):
     prompts = [[1, 2, 3], [4, 5, 6]]
-    free = gj.generate(model, prompts, max_new_tokens=10, temperature=0)
-    stop = free[0][3]
-    assert stop not in free[0][:3]
-    out = gj.generate(model, prompts, max_new_tokens=10, temperature=0, stop_tokens=[stop])
-    assert out[0] == free[0][:4]  # ends with the stop token
+    free = gj.generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=3)
+    i = next(i for i in range(1, 10) if free[0][i] not in free[0][:i])  # a token row 0 first samples at step i
+    stop = free[0][i]
+    out = gj.generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[stop])
+    assert out[0] == free[0][: i + 1]  # ends with the stop token
     expected_1 = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
     assert out[1] == expected_1
 
