@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
 def _table(rows, bw, env) -> str:
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
-    lines = [f"# Generation speed, tokens/s", "",
+    lines = ["# Generation speed, tokens/s", "",
              f"{env.get('cpu', '?')}, {env.get('cores')} cores; jax {env.get('jax')}, torch {env.get('torch', '-')}, "
              f"transformers {env.get('transformers', '-')}. Read bandwidth {bw['roofline']:.1f} GB/s (numpy, one core: "
              f"{bw['numpy_1core']:.1f}; XLA: {bw['xla']:.1f}); load average at start "

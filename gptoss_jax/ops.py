@@ -15,14 +15,13 @@ import jax.numpy as jnp
 
 from gptoss_kernels.attention import attention_xla
 from gptoss_kernels.moe import expert_loop_matmul_xla, grouped_matmul_xla, rowwise_matmul_xla
-from gptoss_kernels.mxfp4 import Packed
 
 # XLA:CPU rewrites a matrix-vector dot into one loop fusion that reads the matrix once, on both cores, with any
 # elementwise producer (a bf16 -> f32 convert, an MXFP4 decode) fused in, but only while the contracted length
 # is below this; from 4096 on it falls back to a generic dot that first materializes an f32 copy of the matrix.
 _CPU_GEMV_MAX_K = 4095
 # grouped_matmul: up to this many rows (decode: batch x experts per token) run row by row, each reading only its
-# own expert's bytes; above it (prefill) the grouped matmul decodes each routed expert once for its rows.
+# own expert's bytes; above it (prefill) a loop over experts decodes each routed expert once for all its rows.
 ROWWISE_MAX_ROWS = 64
 
 

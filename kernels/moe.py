@@ -1,8 +1,12 @@
-"""Grouped matmul for the MoE experts: the pure-XLA twin (the specification).
+"""Grouped matmul for the MoE experts: the pure-XLA twin (the specification), and its XLA:CPU forms.
 
 Rows of `x_MK` are sorted by expert; `group_sizes_E` says how many belong to each (empty groups allowed, rows past
 their sum are zero). Expert weights are `Packed` MXFP4 [E, N, K/32, 16] + [E, N, K/32] or dense [E, N, K], both in
 the checkpoint's (out, in) orientation. Only the experts that own rows are ever dequantized, one at a time.
+
+`grouped_matmul_xla` is the specification. `rowwise_matmul_xla` (decode) and `expert_loop_matmul_xla` (prefill)
+compute the same thing in the forms XLA:CPU runs fast; `gptoss_jax.ops.grouped_matmul` chooses, and
+docs/cpu_performance.md has the measurements.
 """
 
 import math
@@ -65,8 +69,10 @@ def grouped_matmul_xla(x_MK, group_sizes_E, w, bias_EN, *, tile_m: int = 128):
 # ---------------------------------------------------------------------------------------------------------------
 # XLA:CPU forms. Both compute the even and the odd columns of each weight matrix as two products (against x[0::2]
 # and x[1::2]): packed experts then decode each byte's two nibbles into two contiguous arrays, and dense experts
-# take the very same path, so the two layouts of one model give bit-identical results. Forward only; their
-# gradient is the specification's (`grouped_matmul_xla`), through a custom VJP.
+# take the very same path, so the two layouts of one model give bit-identical results in the prefill form (and in
+# bf16 in both; in float32 the row-by-row form may differ in the last bit, as LLVM vectorizes the two weight
+# producers differently). Forward only; their gradient is the specification's (`grouped_matmul_xla`), through a
+# custom VJP.
 # ---------------------------------------------------------------------------------------------------------------
 
 
