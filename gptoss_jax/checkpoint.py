@@ -64,6 +64,12 @@ def _swap_last(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
 
 
+def _packed_rule(path, name: str, shapes) -> Rule:
+    """MXFP4 codes: the file's [..., rows, cols/32, 16] held as [..., rows, cols/2] (same bytes, a free view)."""
+    return Rule(path, (name,), shapes, "uint8", join=lambda xs: xs[0].reshape(*xs[0].shape[:-2], -1),
+                split=lambda x: [x.reshape(*x.shape[:-1], -1, 16)])
+
+
 def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense"]) -> list[Rule]:
     D, V, E, F = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -86,10 +92,10 @@ def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense
             Rule(("blocks", "mlp", "norm", "scale"), (m + "norm.scale",), ((D,),)),
             Rule(("blocks", "mlp", "gate_w"), (m + "gate.weight",), ((E, D),)),
             Rule(("blocks", "mlp", "gate_b"), (m + "gate.bias",), ((E,),)),
-            Rule(("blocks", "mlp", "mlp1", "blocks"), (m + "mlp1_weight.blocks",), packed1[:1], "uint8"),
+            _packed_rule(("blocks", "mlp", "mlp1", "blocks"), m + "mlp1_weight.blocks", packed1[:1]),
             Rule(("blocks", "mlp", "mlp1", "scales"), (m + "mlp1_weight.scales",), packed1[1:], "uint8"),
             Rule(("blocks", "mlp", "mlp1_b"), (m + "mlp1_bias",), ((E, 2 * F),)),
-            Rule(("blocks", "mlp", "mlp2", "blocks"), (m + "mlp2_weight.blocks",), packed2[:1], "uint8"),
+            _packed_rule(("blocks", "mlp", "mlp2", "blocks"), m + "mlp2_weight.blocks", packed2[:1]),
             Rule(("blocks", "mlp", "mlp2", "scales"), (m + "mlp2_weight.scales",), packed2[1:], "uint8"),
             Rule(("blocks", "mlp", "mlp2_b"), (m + "mlp2_bias",), ((E, D),)),
         ]
@@ -116,9 +122,9 @@ def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense
     ]
     if experts == "mxfp4":
         rules += [
-            Rule(("blocks", "mlp", "mlp1", "blocks"), (m + "experts.gate_up_proj_blocks",), packed1[:1], "uint8"),
+            _packed_rule(("blocks", "mlp", "mlp1", "blocks"), m + "experts.gate_up_proj_blocks", packed1[:1]),
             Rule(("blocks", "mlp", "mlp1", "scales"), (m + "experts.gate_up_proj_scales",), packed1[1:], "uint8"),
-            Rule(("blocks", "mlp", "mlp2", "blocks"), (m + "experts.down_proj_blocks",), packed2[:1], "uint8"),
+            _packed_rule(("blocks", "mlp", "mlp2", "blocks"), m + "experts.down_proj_blocks", packed2[:1]),
             Rule(("blocks", "mlp", "mlp2", "scales"), (m + "experts.down_proj_scales",), packed2[1:], "uint8"),
         ]
     else:  # dense HF experts are stored (E, in, out): transposed relative to ours
@@ -361,7 +367,7 @@ def _assemble(rules: list[Rule], cfg: ModelConfig, read, target: str, dtype):
                 yield from _packed_from(cfg, base, codes)
         else:
             rb, rs = by_path[base + ("blocks",)], by_path[base + ("scales",)]
-            codes = lambda i, rb=rb, rs=rs: mxfp4.Packed(read(rb.names[0].format(i=i)),  # noqa: E731
+            codes = lambda i, rb=rb, rs=rs: mxfp4.Packed(rb.join([read(rb.names[0].format(i=i))]),  # noqa: E731
                                                          read(rs.names[0].format(i=i)))
             if target == "dense":
                 decode = lambda i, codes=codes: np.asarray(mxfp4.decode(*codes(i), jnp.float32))  # noqa: E731

@@ -40,11 +40,15 @@ class Sampling:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
 
 
-def sample(logits_BV, key_B, position_B, temperature, top_p, *, top_k: int = 0, nucleus: bool = True):
+def sample(logits_BV, key_B, position_B, temperature, top_p, *, greedy: bool = False, top_k: int = 0,
+           nucleus: bool = True):
     """Next tokens [B] from float32 logits. Row b draws with fold_in(key_b, position_b), so its tokens depend
-    only on its seed and position, never on the rest of the batch. temperature 0 = greedy. `top_k` (0 = off)
-    and `nucleus` (False skips the top-p sort when top_p is 1) are static."""
-    greedy = jnp.argmax(logits_BV, axis=-1)
+    only on its seed and position, never on the rest of the batch. temperature 0 = greedy. `greedy` (temperature
+    0 known in advance: no draw at all), `top_k` (0 = off) and `nucleus` (False skips the top-p sort when top_p is
+    1) are static."""
+    argmax = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if greedy:
+        return argmax
     logits = logits_BV / jnp.maximum(temperature, 1e-6)
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -57,32 +61,37 @@ def sample(logits_BV, key_B, position_B, temperature, top_p, *, top_k: int = 0, 
         logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
     keys = jax.vmap(jax.random.fold_in)(key_B, position_B)
     drawn = jax.vmap(jax.random.categorical)(keys, logits)
-    return jnp.where(temperature == 0, greedy, drawn).astype(jnp.int32)
+    return jnp.where(temperature == 0, argmax, drawn).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(graphdef, state, cache, tokens_BT, n_B, last_h_BD):
-    """Extend the cache by one prompt chunk; keep each row's hidden state at its last real prompt token."""
-    model = nnx.merge(graphdef, state)
-    h_BTD, cache = model.extend(tokens_BT, cache, n_B)
-    idx = jnp.clip(n_B - 1, 0, tokens_BT.shape[1] - 1)
-    h_last = jnp.take_along_axis(h_BTD, idx[:, None, None], axis=1)[:, 0]
-    return cache, jnp.where((n_B > 0)[:, None], h_last, last_h_BD)
+@functools.lru_cache(maxsize=8)
+def _steps(graphdef):
+    """The jitted prefill, first-token and decode steps of one model structure. Built once per graphdef and
+    closed over it, so a step call does not hash the graphdef as a static argument (~2 ms a token)."""
+    static = ("greedy", "top_k", "nucleus")
 
+    @functools.partial(jax.jit, donate_argnums=1)
+    def prefill_chunk(state, cache, tokens_BT, n_B, last_h_BD):
+        """Extend the cache by one prompt chunk; keep each row's hidden state at its last real prompt token."""
+        model = nnx.merge(graphdef, state)
+        h_BTD, cache = model.extend(tokens_BT, cache, n_B)
+        idx = jnp.clip(n_B - 1, 0, tokens_BT.shape[1] - 1)
+        h_last = jnp.take_along_axis(h_BTD, idx[:, None, None], axis=1)[:, 0]
+        return cache, jnp.where((n_B > 0)[:, None], h_last, last_h_BD)
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("top_k", "nucleus"), donate_argnums=2)
-def _decode_step(graphdef, state, cache, tokens_B, active_B, key_B, temperature, top_p, *, top_k, nucleus):
-    """Feed one token per active row; return the updated cache and the next token of every row."""
-    model = nnx.merge(graphdef, state)
-    h_B1D, cache = model.extend(tokens_B[:, None], cache, active_B.astype(jnp.int32))
-    logits = model.logits(h_B1D[:, 0])
-    return cache, sample(logits, key_B, cache.lengths, temperature, top_p, top_k=top_k, nucleus=nucleus)
+    @functools.partial(jax.jit, static_argnames=static)
+    def first_token(state, h_BD, key_B, position_B, temperature, top_p, **kw):
+        model = nnx.merge(graphdef, state)
+        return sample(model.logits(h_BD), key_B, position_B, temperature, top_p, **kw)
 
+    @functools.partial(jax.jit, static_argnames=static, donate_argnums=1)
+    def decode_step(state, cache, tokens_B, active_B, key_B, temperature, top_p, **kw):
+        """Feed one token per active row; return the updated cache and the next token of every row."""
+        model = nnx.merge(graphdef, state)
+        h_B1D, cache = model.extend(tokens_B[:, None], cache, active_B.astype(jnp.int32))
+        return cache, sample(model.logits(h_B1D[:, 0]), key_B, cache.lengths, temperature, top_p, **kw)
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("top_k", "nucleus"))
-def _first_token(graphdef, state, h_BD, key_B, position_B, temperature, top_p, *, top_k, nucleus):
-    model = nnx.merge(graphdef, state)
-    return sample(model.logits(h_BD), key_B, position_B, temperature, top_p, top_k=top_k, nucleus=nucleus)
+    return prefill_chunk, first_token, decode_step
 
 
 def _bucket(n: int, lo: int, hi: int | None = None) -> int:
@@ -107,6 +116,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_toke
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     B = len(prompts)
     graphdef, state = nnx.split(model)
+    prefill_step, first_token, decode_step = _steps(graphdef)
     cache = KVCache.create(cfg, B, min(_bucket(needed, 128), cfg.max_position_embeddings), model.dtype)
 
     chunk = _bucket(int(lengths.max()), 16, prefill_chunk)
@@ -117,12 +127,12 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_toke
     h = jnp.zeros((B, cfg.hidden_size), model.dtype)
     for c in range(0, padded.shape[1], chunk):
         n = np.clip(lengths - c, 0, chunk).astype(np.int32)
-        cache, h = _prefill_chunk(graphdef, state, cache, jnp.asarray(padded[:, c : c + chunk]), jnp.asarray(n), h)
+        cache, h = prefill_step(state, cache, jnp.asarray(padded[:, c : c + chunk]), jnp.asarray(n), h)
 
     key = jax.vmap(jax.random.key)(jnp.full((B,), sampling.seed, jnp.uint32))
     temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
-    static = {"top_k": sampling.top_k, "nucleus": sampling.top_p < 1}
-    tokens = _first_token(graphdef, state, h, key, cache.lengths, temperature, top_p, **static)
+    static = {"greedy": sampling.temperature == 0, "top_k": sampling.top_k, "nucleus": sampling.top_p < 1}
+    tokens = first_token(state, h, key, cache.lengths, temperature, top_p, **static)
     stops = set(int(t) for t in stop_tokens)
     active = np.ones(B, bool)
     for step in range(max_new_tokens):
@@ -131,8 +141,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_toke
         active &= ~np.isin(host, list(stops))
         if step == max_new_tokens - 1 or not active.any():
             return
-        cache, tokens = _decode_step(graphdef, state, cache, tokens, jnp.asarray(active), key, temperature, top_p,
-                                     **static)
+        cache, tokens = decode_step(state, cache, tokens, jnp.asarray(active), key, temperature, top_p, **static)
 
 
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int = 128, temperature: float = 1.0,

@@ -82,12 +82,19 @@ def attend(layer_k, layer_v, q_BTKGH, k_BTKH, v_BTKH, sinks_KG, chunk: Chunk, *,
     T, slots = q_BTKGH.shape[1], layer_k.shape[1]
     dtype = layer_k.dtype
     k_BTKH, v_BTKH = k_BTKH.astype(dtype), v_BTKH.astype(dtype)
+    new_k, new_v = _write(layer_k, k_BTKH, chunk, ring), _write(layer_v, v_BTKH, chunk, ring)
+    attend = dict(window=window, sm_scale=sm_scale, q_pos_BT=chunk.positions(T))
+    if not ring or T == 1:
+        # The updated cache holds every key the chunk needs (a ring slot a decode step overwrites held a position
+        # outside the window), so attend over it alone: no copy of the cache per layer per step.
+        k_pos = _slot_positions(chunk.start + chunk.n, slots, ring)
+        return ops.attention(q_BTKGH, new_k, new_v, sinks_KG, k_pos_BS=k_pos, **attend), new_k, new_v
+    # A longer chunk would overwrite ring slots its own earlier queries still read: attend over the old slots
+    # plus the chunk's keys.
     keys = jnp.concatenate([layer_k, k_BTKH], axis=1)
     values = jnp.concatenate([layer_v, v_BTKH], axis=1)
     k_pos = jnp.concatenate([_slot_positions(chunk.start, slots, ring), chunk.key_positions(T)], axis=1)
-    out = ops.attention(q_BTKGH, keys, values, sinks_KG, window=window, sm_scale=sm_scale,
-                        q_pos_BT=chunk.positions(T), k_pos_BS=k_pos)
-    return out, _write(layer_k, k_BTKH, chunk, ring), _write(layer_v, v_BTKH, chunk, ring)
+    return ops.attention(q_BTKGH, keys, values, sinks_KG, k_pos_BS=k_pos, **attend), new_k, new_v
 
 
 def _write(layer_BSKH, new_BTKH, chunk: Chunk, ring: bool):

@@ -76,16 +76,16 @@ class Attention(nnx.Module):
 
 
 class PackedExperts(nnx.Module):
-    """Expert matrices [E, out, in] kept as MXFP4: codes [E, out, in/32, 16] and scales [E, out, in/32]."""
+    """Expert matrices [E, out, in] kept as MXFP4: codes [E, out, in/2] and scales [E, out, in/32] (`Packed`)."""
 
     def __init__(self, blocks, scales, axes: tuple[str, str, str]):
-        self.blocks = Quantized(blocks, axes=(*axes, None))
+        self.blocks = Quantized(blocks, axes=axes)
         self.scales = Quantized(scales, axes=axes)
 
     @classmethod
     def random(cls, rngs: nnx.Rngs, E: int, out: int, inp: int, axes):
         """Uniform codes (rms 2.93) with scales near 2^round(log2(inp^-0.5 / 2.93)), so weights have std ~inp^-0.5."""
-        blocks = jax.random.randint(rngs.params(), (E, out, inp // MXFP4_BLOCK, 16), 0, 256).astype(jnp.uint8)
+        blocks = jax.random.randint(rngs.params(), (E, out, inp // 2), 0, 256).astype(jnp.uint8)
         center = 127 + round(math.log2(inp**-0.5 / 2.93))
         scales = jax.random.randint(rngs.params(), (E, out, inp // MXFP4_BLOCK), center - 1, center + 2)
         return cls(blocks, scales.astype(jnp.uint8), axes)

@@ -16,13 +16,13 @@ _MAGNITUDES = np.asarray(FP4_VALUES[:8], np.float32)  # codes 0..7
 def decode_np(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Host-side float32 decode (for writers and tests; same table as `decode`)."""
     lut = np.asarray(FP4_VALUES, np.float32)
-    values = np.stack([lut[blocks & 0x0F], lut[blocks >> 4]], axis=-1).reshape(*blocks.shape[:-1], -1)
+    values = np.stack([lut[blocks & 0x0F], lut[blocks >> 4]], axis=-1).reshape(*scales.shape, 32)
     values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
-    return values.reshape(*blocks.shape[:-2], -1)
+    return values.reshape(*scales.shape[:-1], -1)
 
 
 def encode(w: np.ndarray) -> Packed:
-    """[..., rows, cols] float -> Packed(blocks [..., rows, cols/32, 16], scales [..., rows, cols/32]) as numpy."""
+    """[..., rows, cols] float -> Packed(blocks [..., rows, cols/2], scales [..., rows, cols/32]) as numpy."""
     w = np.asarray(w, np.float32)
     if w.shape[-1] % 32:
         raise ValueError(f"MXFP4 encode needs the last dimension to be a multiple of 32, got shape {w.shape}")
@@ -44,6 +44,6 @@ def encode(w: np.ndarray) -> Packed:
     d_lo, d_hi = x - _MAGNITUDES[lo], _MAGNITUDES[hi] - x
     code = np.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo).astype(np.uint8)
     code |= np.where(np.signbit(g), 8, 0).astype(np.uint8)
-    code = code.reshape(*code.shape[:-1], 16, 2)
+    code = code.reshape(*w.shape[:-1], -1, 2)
     blocks = code[..., 0] | (code[..., 1] << 4)
     return Packed(blocks.astype(np.uint8), (e + 127).astype(np.uint8))

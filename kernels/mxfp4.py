@@ -10,10 +10,12 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 
 
 class Packed(NamedTuple):
-    """MXFP4 matrices exactly in the checkpoints' block layout.
+    """MXFP4 matrices: the checkpoints' bytes in their order.
 
-    blocks: uint8 [..., rows, cols/32, 16], two FP4 codes a byte, the low nibble first.
-    scales: uint8 [..., rows, cols/32], E8M0 exponents with bias 127.
+    blocks: uint8 [..., rows, cols/2], two FP4 codes a byte, the low nibble first (element 2j in byte j's low
+            nibble). The files store [..., rows, cols/32, 16]; the same bytes with the last two axes merged, so
+            that each row is one contiguous run (XLA:CPU vectorizes over it, TPU tiles its lanes over it).
+    scales: uint8 [..., rows, cols/32], E8M0 exponents with bias 127; scale g covers elements 32g..32g+31.
     """
 
     blocks: jax.Array
@@ -22,15 +24,14 @@ class Packed(NamedTuple):
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the decoded matrices."""
-        *lead, groups, nbytes = self.blocks.shape
-        return (*lead, groups * nbytes * 2)
+        return (*self.blocks.shape[:-1], self.blocks.shape[-1] * 2)
 
 
 def dequantize(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
-    """[..., rows, G, 16] uint8 codes and [..., rows, G] scales -> [..., rows, G*32] values in `dtype` (exact)."""
+    """[..., rows, cols/2] uint8 codes and [..., rows, cols/32] scales -> [..., rows, cols] in `dtype` (exact)."""
     lut = jnp.asarray(FP4_VALUES, dtype=jnp.float32)
     codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # low nibble = even element
-    values = lut[codes.astype(jnp.int32)].reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
+    values = lut[codes.astype(jnp.int32)].reshape(*scales.shape, 32)
     scale = jax.lax.bitcast_convert_type(scales, jnp.float8_e8m0fnu).astype(jnp.float32)
     out = values * scale[..., None]
-    return out.reshape(*blocks.shape[:-2], -1).astype(dtype)
+    return out.reshape(*scales.shape[:-1], -1).astype(dtype)

@@ -123,6 +123,7 @@ def test_sampling_follows_the_softmax_and_its_filters():
     assert set(_draw(logits, top_p=0.8, nucleus=True)) == {0, 1}  # the nucleus: 0.5 + 0.3 reaches 0.8
     assert set(_draw(logits, top_k=3, nucleus=False)) == {0, 1, 2}
     assert set(_draw(logits, temperature=0.0, nucleus=False)) == {0}
+    assert set(_draw(logits, temperature=0.0, greedy=True)) == {0}  # the static greedy path: no draw at all
     hot = np.bincount(_draw(logits, temperature=3.0, nucleus=False), minlength=4) / 4000
     assert hot[3] > 0.12  # a higher temperature flattens the distribution
 
@@ -149,8 +150,9 @@ def test_no_recompilation_per_prompt_length_or_token(model):
     import importlib
 
     engine = importlib.import_module("gptoss_jax.generate")
+    prefill, _, decode = engine._steps(nnx.split(model)[0])
     gj.generate(model, list(range(1, 21)), max_new_tokens=3, temperature=0)
-    sizes = engine._prefill_chunk._cache_size(), engine._decode_step._cache_size()
+    sizes = prefill._cache_size(), decode._cache_size()
     for n in (23, 27, 31):
         gj.generate(model, list(range(1, n + 1)), max_new_tokens=8, temperature=0)
-    assert (engine._prefill_chunk._cache_size(), engine._decode_step._cache_size()) == sizes
+    assert (prefill._cache_size(), decode._cache_size()) == sizes

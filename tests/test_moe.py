@@ -13,7 +13,7 @@ from gptoss_kernels.moe import grouped_matmul_xla
 
 
 def _packed(rng, E, N, K):
-    blocks = rng.integers(0, 256, (E, N, K // 32, 16), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (E, N, K // 2), dtype=np.uint8)
     scales = rng.integers(120, 125, (E, N, K // 32), dtype=np.uint8)
     return mxfp4.Packed(jnp.asarray(blocks), jnp.asarray(scales)), mxfp4.decode_np(blocks, scales)
 
