@@ -241,6 +241,10 @@ class Transformer(nnx.Module):
                 x, caches = layer(x, caches, jax.tree.map(lambda a: a[i], pair_state), i, idx)
             return (x, caches), None
 
+        if caches is not None and ops.unroll_layers():  # inference on XLA:CPU (see there)
+            for i in range(L):
+                x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: ops.layer_slice(a, i), state), i, i // 2)
+            return x_BTD, caches
         if L // 2:
             pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
             (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))

@@ -36,25 +36,57 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
     (measured on the 201088 x 2880 unembedding, 2 cores; docs/cpu_performance.md):
     - 1 row: `f32(x) @ f32(w).T` becomes a fused matrix-vector loop (47 ms, ~25 GB/s); the same product as
       `dot_general(..., preferred_element_type=f32)` upcasts the whole matrix first (1470 ms).
+      XLA makes that rewrite only while K < 4096, so longer rows are cut into pieces.
     - 2+ rows: `dot_general(bf16, bf16, preferred_element_type=f32)` runs as one YNNPACK bf16 kernel; every
       other form upcasts the matrix to f32 first (8 rows: 52-110 ms against 720-1950 ms).
     """
     lead, K = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     x_RK = x.reshape(rows, K)
-    if _on_cpu() and rows == 1 and K <= _CPU_GEMV_MAX_K:
-        y = x_RK.astype(jnp.float32) @ w_OI.astype(jnp.float32).T
-    elif _on_cpu() and rows == 1:
-        # XLA stops that rewrite at K = 4096 (the 20b's attention output projection): pad to 2 rows and take the
-        # YNNPACK form (2.0 ms for 2880 x 4096, against 37 ms). Cutting K into pieces below 4096 instead is as fast
-        # alone (2.5 ms) but slower inside the model, where XLA then copies the layer's weight slice out first.
-        x_2K = jnp.concatenate([x_RK, jnp.zeros_like(x_RK)])
-        y = jax.lax.dot_general(x_2K, w_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)[:1]
+    pieces = -(-K // _CPU_GEMV_MAX_K)
+    if _on_cpu() and rows == 1 and K % pieces == 0:
+        # XLA stops that rewrite at K = 4096 (the 20b's attention output projection): cut K into pieces below it
+        # (2880 x 4096 in the model: 2.3 ms, against 7-10 ms padded to 2 rows for YNNPACK, which copies the layer's
+        # weight out first, and 37 ms as is). Their sum goes behind a barrier: fused into the last product, it
+        # costs that product the rewrite.
+        if pieces > 1:
+            # Materialize the vector as one row first (XLA never fuses a reduction into its consumer): fused, each
+            # piece would recompute it from its producer's shape, e.g. the attention output's [K, G, H], with index
+            # arithmetic per element (5.2 ms for a 2880 x 2048 piece, against 1.1 ms).
+            x_RK = jnp.max(jnp.stack([x_RK, x_RK]), axis=0)
+        parts = [x_p.astype(jnp.float32) @ w_p.astype(jnp.float32).T
+                 for x_p, w_p in zip(jnp.split(x_RK, pieces, axis=1), jnp.split(w_OI, pieces, axis=1))]
+        y = sum(jax.lax.optimization_barrier(parts)) if pieces > 1 else parts[0]
     else:
-        y = jax.lax.dot_general(x_RK, w_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if _on_cpu() and rows == 1:  # no even cut: pad to 2 rows and take the YNNPACK form
+            x_RK = jnp.concatenate([x_RK, jnp.zeros_like(x_RK)])
+        dims = (((1,), (1,)), ((), ()))
+        y = jax.lax.dot_general(x_RK, w_OI, dims, preferred_element_type=jnp.float32)[:rows]
     if b_O is not None:
         y = y + b_O.astype(jnp.float32)
     return y.reshape(*lead, -1).astype(out_dtype or x.dtype)
+
+
+def unroll_layers() -> bool:
+    """Whether KV-cached inference runs the layers as straight-line code instead of under a scan: on XLA:CPU.
+
+    XLA:CPU slices bf16 arrays through float32, and inside a loop it hoists that convert out: a scan over the
+    stacked layers converted all layers' weights to a float32 copy on every call (2x the bf16 weights in extra
+    memory; for the 20b's 2880 x 4096 attention output projection 19 ms a layer against 2 ms). Bitcasting the
+    weights to same-width integers around the loop stops the hoisting but makes XLA copy every stacked weight per
+    call. Indexed one layer at a time (`layer_slice`), each weight is read in place by its product: 4 layers at the
+    20b's widths decode in 106 ms a token instead of 960. The price is compile time that grows with depth, on CPU
+    inference only; the full forward (training, parity) keeps the scan.
+    """
+    return _on_cpu()
+
+
+def layer_slice(stacked, i: int):
+    """Layer i of a stacked weight, for the unrolled layers. A bf16 array is sliced as its uint16 bit pattern:
+    XLA:CPU slices bf16 through float32, which makes a slice read by two products a materialized copy."""
+    if stacked.dtype != jnp.bfloat16:
+        return stacked[i]
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(stacked, jnp.uint16)[i], jnp.bfloat16)
 
 
 def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None):

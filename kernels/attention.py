@@ -39,5 +39,8 @@ def attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: f
     p_BKGTS = jnp.exp(s_BKGTS - m)
     denom = p_BKGTS.sum(axis=-1, keepdims=True) + jnp.exp(sink_KG11 - m)
     p_BKGTS = (p_BKGTS / denom).astype(v_BSKH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH, preferred_element_type=jnp.float32)
-    return out.astype(q_BTKGH.dtype)
+    # p as the left operand: the product comes out [B, K, G, T, H], for one query (decode) already the order of
+    # [B, T, K, G, H], so the output projection reads it without a transpose.
+    out_BKGTH = jax.lax.dot_general(p_BKGTS, v_BSKH, (((4,), (1,)), ((0, 1), (0, 2))),
+                                    preferred_element_type=jnp.float32)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).astype(q_BTKGH.dtype)
