@@ -79,7 +79,7 @@ def bytes_per_step(cfg, batch: int = 1) -> float:
     return cfg.num_hidden_layers * (attn + router + experts * expert) + cfg.vocab_size * D * 2
 
 
-def _ours(path, prompts, batches, decode_prompt, new_tokens, repeats) -> dict:
+def _ours(path, prompts, batches, decode_prompts, new_tokens, repeats) -> dict:
     import jax.numpy as jnp
 
     import gptoss_jax as gj
@@ -91,7 +91,7 @@ def _ours(path, prompts, batches, decode_prompt, new_tokens, repeats) -> dict:
         out[f"prefill_{n}"] = [n / _timed(lambda: gj.generate(model, p, max_new_tokens=1, temperature=0))
                                for _ in range(repeats)]
     for b in batches:
-        batch = [decode_prompt] * b
+        batch = decode_prompts[:b]
         runs = []
         for i in range(repeats + 1):  # the first run compiles
             stamps = []
@@ -103,7 +103,7 @@ def _ours(path, prompts, batches, decode_prompt, new_tokens, repeats) -> dict:
     return out
 
 
-def _transformers(path, prompts, batches, decode_prompt, new_tokens, repeats) -> dict:
+def _transformers(path, prompts, batches, decode_prompts, new_tokens, repeats) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import GptOssForCausalLM, Mxfp4Config
@@ -120,7 +120,7 @@ def _transformers(path, prompts, batches, decode_prompt, new_tokens, repeats) ->
             out[f"prefill_{n}"] = [n / _timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
                                    for _ in range(repeats)]
         for b in batches:
-            ids = torch.as_tensor([decode_prompt] * b)
+            ids = torch.as_tensor(decode_prompts[:b])
             runs = []
             for i in range(repeats + 1):  # the first run warms up
                 res = model(ids, use_cache=True, logits_to_keep=1)
@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.decode_batches.split(",")]
     rng = np.random.default_rng(0)
     prompts = {n: [int(t) for t in rng.integers(0, 200000, n)] for n in lengths}
-    decode_prompt = [int(t) for t in rng.integers(0, 200000, DECODE_PROMPT)]
+    # A different prompt per row, so a batch routes to different experts, as real traffic does.
+    decode_prompts = [[int(t) for t in rng.integers(0, 200000, DECODE_PROMPT)] for _ in range(max(batches))]
     env = _environment()
     bw = bandwidth()
     print(json.dumps({"environment": env, "bandwidth_gbs": bw}))
@@ -227,9 +228,9 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(gj.ModelConfig.gpt_oss_20b(), **fields)
         with tempfile.TemporaryDirectory() as tmp:
             path = _checkpoint(cfg, name, workdir, tmp)
-            ours = _ours(path, prompts, batches, decode_prompt, args.new_tokens, args.repeats)
+            ours = _ours(path, prompts, batches, decode_prompts, args.new_tokens, args.repeats)
             theirs = {} if args.no_transformers else _in_subprocess(
-                "_transformers", str(path), prompts, batches, decode_prompt, args.new_tokens, args.repeats)
+                "_transformers", str(path), prompts, batches, decode_prompts, args.new_tokens, args.repeats)
         for metric, runs in ours.items():
             value, other = max(runs), max(theirs[metric]) if metric in theirs else None
             row = {"config": name, "title": title, "metric": metric, "gptoss_jax": value, "transformers": other,
@@ -270,7 +271,7 @@ def _table(rows, bw, env) -> str:
                      f"{fmt(r['target_ratio'], '{:.1f}x')} | {fmt(r.get('roofline'))} | "
                      f"{fmt(r.get('fraction_of_roofline'), '{:.0%}')} |")
     lines += ["", "prefill: batch 1, tokens/s of the prompt; decode: batch x tokens/s after a "
-              f"{DECODE_PROMPT}-token prompt, greedy. Best of the repeats (all runs in the .json). Roofline: weight "
+              f"{DECODE_PROMPT}-token prompt (a different one per row), greedy. Best of the repeats (all runs in the .json). Roofline: weight "
               "bytes a decode step reads / read bandwidth (MXFP4 experts; transformers holds them in bf16, so its "
               "own roofline is lower)."]
     return "\n".join(lines) + "\n"

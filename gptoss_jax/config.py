@@ -16,6 +16,7 @@ ORIGINAL_CONFIG_KEYS = (
     "initial_context_length", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta",
 )
 MXFP4_BLOCK = 32  # elements that share one E8M0 scale
+KERNEL_MODES = ("auto", "xla", "pallas", "interpret-tpu", "interpret-gpu")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,10 @@ class ModelConfig:
     # Fixed in both references (not part of either config file's gpt-oss-specific keys).
     swiglu_alpha: float = 1.702
     rms_norm_eps: float = 1e-5
+    # How attention and the expert matmuls run (not a checkpoint property): "auto" = the Pallas kernels on TPU and
+    # GPU, the XLA twins elsewhere (the environment variable GPTOSS_KERNELS overrides "auto"); "xla"; "pallas";
+    # "interpret-tpu" / "interpret-gpu" = a backend's kernels in Pallas interpret mode, on any device (tests).
+    kernels: str = "auto"
 
     def __post_init__(self):
         positive = ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
@@ -71,6 +76,8 @@ class ModelConfig:
         if self.rope_scaling_factor > 1.0 and not self.rope_ntk_beta > self.rope_ntk_alpha > 0:
             raise ConfigError(f"YaRN needs rope_ntk_beta > rope_ntk_alpha > 0, got beta={self.rope_ntk_beta}, "
                               f"alpha={self.rope_ntk_alpha}")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"ModelConfig.kernels must be one of {KERNEL_MODES}, got {self.kernels!r}")
         for name in ("swiglu_limit", "rope_theta", "rms_norm_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")

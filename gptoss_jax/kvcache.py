@@ -77,13 +77,13 @@ def _slot_positions(lengths_B, slots: int, ring: bool) -> jax.Array:
 
 
 def attend(layer_k, layer_v, q_BTKGH, k_BTKH, v_BTKH, sinks_KG, chunk: Chunk, *, window: int, sm_scale: float,
-           ring: bool):
+           ring: bool, kernels: str = "auto"):
     """Attention of a chunk over one layer's cache slots plus itself; returns (output, updated layer k, v)."""
     T, slots = q_BTKGH.shape[1], layer_k.shape[1]
     dtype = layer_k.dtype
     k_BTKH, v_BTKH = k_BTKH.astype(dtype), v_BTKH.astype(dtype)
     new_k, new_v = _write(layer_k, k_BTKH, chunk, ring), _write(layer_v, v_BTKH, chunk, ring)
-    attend = dict(window=window, sm_scale=sm_scale, q_pos_BT=chunk.positions(T))
+    attend = dict(window=window, sm_scale=sm_scale, q_pos_BT=chunk.positions(T), kernels=kernels)
     if not ring or T == 1:
         # The updated cache holds every key the chunk needs (a ring slot a decode step overwrites held a position
         # outside the window), so attend over it alone: no copy of the cache per layer per step.

@@ -19,6 +19,7 @@ from gptoss_jax import kvcache, ops
 from gptoss_jax.config import MXFP4_BLOCK, ModelConfig
 from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.rope import apply_rope, rope_cos_sin
+from gptoss_kernels.moe import swiglu  # noqa: F401  (the activation, re-exported for tests and notebooks)
 
 ExpertFormat = Literal["mxfp4", "dense"]
 
@@ -67,11 +68,13 @@ class Attention(nnx.Module):
         v_BTKH = v.reshape(B, T, K, H)
         sinks_KG = self.sinks[...].reshape(K, G)
         if kv is None:
-            o, new_kv = ops.attention(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, window=window, sm_scale=H**-0.5), None
+            o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, window=window, sm_scale=H**-0.5,
+                              kernels=cfg.kernels)
+            new_kv = None
         else:
             layer_k, layer_v, ring = kv
             o, *new_kv = kvcache.attend(layer_k, layer_v, q_BTKGH, k_BTKH, v_BTKH, sinks_KG, chunk, window=window,
-                                        sm_scale=H**-0.5, ring=ring)
+                                        sm_scale=H**-0.5, ring=ring, kernels=cfg.kernels)
         return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w[...], self.out_b[...]), new_kv
 
 
@@ -102,14 +105,6 @@ class DenseExperts(nnx.Module):
 
     def weights(self) -> jax.Array:
         return self.weight[...]
-
-
-def swiglu(h_MF2, alpha: float, limit: float):
-    """Interleaved columns: h[..., 0::2] is the gate, h[..., 1::2] the linear half (note the +1)."""
-    gate, lin = h_MF2[..., 0::2], h_MF2[..., 1::2]
-    gate = jnp.minimum(gate, limit)
-    lin = jnp.clip(lin, -limit, limit)
-    return gate * jax.nn.sigmoid(alpha * gate) * (lin + 1.0)
 
 
 class MoE(nnx.Module):
@@ -146,9 +141,10 @@ class MoE(nnx.Module):
         order_M = jnp.argsort(expert_M, stable=True)
         group_sizes_E = jnp.bincount(expert_M, length=cfg.num_experts)
         x_MD = jnp.take(t_TD, order_M // k, axis=0)
-        h_MF2 = ops.grouped_matmul(x_MD, group_sizes_E, self.mlp1.weights(), self.mlp1_b[...])
-        a_MF = swiglu(h_MF2, cfg.swiglu_alpha, cfg.swiglu_limit).astype(x_BTD.dtype)
-        y_MD = ops.grouped_matmul(a_MF, group_sizes_E, self.mlp2.weights(), self.mlp2_b[...])
+        a_MF = ops.grouped_matmul_swiglu(x_MD, group_sizes_E, self.mlp1.weights(), self.mlp1_b[...],
+                                         alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, kernels=cfg.kernels)
+        y_MD = ops.grouped_matmul(a_MF.astype(x_BTD.dtype), group_sizes_E, self.mlp2.weights(), self.mlp2_b[...],
+                                  kernels=cfg.kernels)
         y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(B * T, k, D)
         y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK)
         return x_BTD + y_TD.reshape(B, T, D).astype(x_BTD.dtype)
@@ -224,12 +220,14 @@ class Transformer(nnx.Module):
         cfg = self.config
         graphdef, state = nnx.split(self.blocks)
         L = cfg.num_hidden_layers
+        restore = lambda s: s  # noqa: E731  (replaced where the layers' weights cross the scan in disguise)
 
         def layer(x, caches, layer_state, i, idx):
             window, kind = cfg.layer_window(i), "ring" if i % 2 == 0 else "full"
             kv = None if caches is None else (*(a[idx] for a in caches[kind]), kind == "ring")
             with jax.named_scope(f"block_{'sliding' if window else 'full'}"):
-                x, new_kv = nnx.merge(graphdef, layer_state)(x, cos, sin, window=window, kv=kv, chunk=chunk)
+                x, new_kv = nnx.merge(graphdef, restore(layer_state))(x, cos, sin, window=window, kv=kv,
+                                                                      chunk=chunk)
             if caches is not None:
                 caches = {**caches, kind: tuple(a.at[idx].set(n) for a, n in zip(caches[kind], new_kv))}
             return x, caches
@@ -241,10 +239,12 @@ class Transformer(nnx.Module):
                 x, caches = layer(x, caches, jax.tree.map(lambda a: a[i], pair_state), i, idx)
             return (x, caches), None
 
-        if caches is not None and ops.unroll_layers():  # inference on XLA:CPU (see there)
+        if caches is not None and x_BTD.shape[1] == 1 and ops.unroll_layers():  # decoding on XLA:CPU (see there)
             for i in range(L):
                 x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: ops.layer_slice(a, i), state), i, i // 2)
             return x_BTD, caches
+        if caches is not None:  # prefill: see ops.scan_operands
+            state, restore = ops.scan_operands(state)
         if L // 2:
             pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
             (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))

@@ -1,7 +1,8 @@
 """The switch points for performance-critical ops: the model calls only these.
 
-Each routes to the pure-XLA twin in `gptoss_kernels`; the Pallas kernels (TPU/GPU) plug in here behind the same
-signatures, chosen per backend, so the model never changes when a kernel lands.
+Attention and the expert matmuls run either as the Pallas kernels in `gptoss_kernels` or as their pure-XLA twins
+(the specification), behind the same signatures; `ModelConfig.kernels` chooses (`implementation`): by default the
+kernels on TPU and GPU, the twins elsewhere, and the environment variable GPTOSS_KERNELS overrides that default.
 
 On XLA:CPU the form of a product decides its speed by up to 10-30x (docs/cpu_performance.md has the measured
 tables), so the CPU forms are chosen here, by shape, at trace time. Every form computes the same float32
@@ -9,12 +10,21 @@ accumulation of exact products; only the summation order differs.
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax.config import KERNEL_MODES, ConfigError
 from gptoss_kernels.attention import attention_xla
-from gptoss_kernels.moe import expert_loop_matmul_xla, grouped_matmul_xla, rowwise_matmul_xla
+from gptoss_kernels.attention_pallas import decode_attention, flash_attention
+from gptoss_kernels.moe import expert_loop_matmul_xla, grouped_matmul_xla, rowwise_matmul_xla, swiglu
+from gptoss_kernels.moe_pallas import grouped_matmul_pallas, grouped_matmul_swiglu_pallas
+
+KERNELS_ENV = "GPTOSS_KERNELS"
+# A KV-cache chunk of at most this many queries per row takes the decode-attention kernel; longer chunks (chunked
+# prefill) take the twin: the flash kernel covers whole sequences only.
+DECODE_KERNEL_MAX_QUERIES = 16
 
 # XLA:CPU rewrites a matrix-vector dot into one loop fusion that reads the matrix once, on both cores, with any
 # elementwise producer (a bf16 -> f32 convert, an MXFP4 decode) fused in, but only while the contracted length
@@ -27,6 +37,20 @@ ROWWISE_MAX_ROWS = 64
 
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
+
+
+def implementation(kernels: str = "auto") -> tuple[str, bool, str | None]:
+    """(implementation, interpret, kernel backend) for a `ModelConfig.kernels` value, at trace time:
+    ("xla", False, None) for the twins, ("pallas", interpret?, "tpu" | "gpu" | None = the default backend's)."""
+    if kernels == "auto":
+        kernels = os.environ.get(KERNELS_ENV, "auto")
+        if kernels not in KERNEL_MODES:
+            raise ConfigError(f"{KERNELS_ENV}={kernels!r}: expected one of {KERNEL_MODES}")
+    if kernels == "auto":
+        kernels = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    if kernels.startswith("interpret-"):
+        return "pallas", True, kernels.removeprefix("interpret-")
+    return kernels, False, None
 
 
 def linear(x, w_OI, b_O=None, out_dtype=None):
@@ -68,17 +92,35 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
 
 
 def unroll_layers() -> bool:
-    """Whether KV-cached inference runs the layers as straight-line code instead of under a scan: on XLA:CPU.
+    """Whether decode steps run the layers as straight-line code instead of under a scan: on XLA:CPU.
 
     XLA:CPU slices bf16 arrays through float32, and inside a loop it hoists that convert out: a scan over the
     stacked layers converted all layers' weights to a float32 copy on every call (2x the bf16 weights in extra
     memory; for the 20b's 2880 x 4096 attention output projection 19 ms a layer against 2 ms). Bitcasting the
     weights to same-width integers around the loop stops the hoisting but makes XLA copy every stacked weight per
     call. Indexed one layer at a time (`layer_slice`), each weight is read in place by its product: 4 layers at the
-    20b's widths decode in 106 ms a token instead of 960. The price is compile time that grows with depth, on CPU
-    inference only; the full forward (training, parity) keeps the scan.
+    20b's widths decode in 106 ms a token instead of 960. The price is compile time that grows with depth, for the
+    decode step on CPU only. Prefill keeps the scan: its expert loops take each layer's experts as loop operands,
+    which XLA copies out of the stacked weights, and unrolled it schedules all layers' copies at once (the 20b
+    then needs 24 GB); the full forward (training, parity) keeps it too.
     """
     return _on_cpu()
+
+
+def scan_operands(tree):
+    """(tree, restore) for a scan over stacked layers on XLA:CPU: bf16 leaves cross the loop as their uint16 bit
+    patterns and `restore` bitcasts one layer's slice back inside the body.
+
+    For the prefill scan (see `unroll_layers`): otherwise XLA converts every stacked bf16 weight to a float32 copy
+    per call (2x their size: 2.6 GB for the 20b), where this way it copies them once at their own width. A bitcast
+    to integers has no gradient: inference only. Elsewhere the tree passes unchanged.
+    """
+    if not _on_cpu():
+        return tree, lambda t: t
+    dtypes = jax.tree.map(lambda a: a.dtype, tree)
+    hide = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a  # noqa: E731
+    return jax.tree.map(hide, tree), lambda t: jax.tree.map(
+        lambda a, dtype: a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype), t, dtypes)
 
 
 def layer_slice(stacked, i: int):
@@ -89,35 +131,51 @@ def layer_slice(stacked, i: int):
     return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(stacked, jnp.uint16)[i], jnp.bfloat16)
 
 
-def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None):
+def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None,
+              kernels: str = "auto"):
     """Causal attention with sinks and an optional sliding window; [B, T, K, G, H].
 
-    Without positions: a whole sequence from position 0. With them: queries against a KV cache's slots, whose
-    position is -1 when empty.
+    Without positions: a whole sequence from position 0 (the flash kernel). With them: queries against a KV cache's
+    slots, whose position is -1 when empty (the decode kernel, for up to DECODE_KERNEL_MAX_QUERIES queries a row).
     """
-    return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, window=window, sm_scale=sm_scale, q_pos_BT=q_pos_BT,
-                         k_pos_BS=k_pos_BS)
+    impl, interpret, backend = implementation(kernels)
+    kw = dict(window=window, sm_scale=sm_scale)
+    if impl == "pallas" and q_pos_BT is None:
+        return flash_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, interpret=interpret, backend=backend, **kw)
+    if impl == "pallas" and q_BTKGH.shape[1] <= DECODE_KERNEL_MAX_QUERIES:
+        return decode_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS,
+                                interpret=interpret, backend=backend, **kw)
+    return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS, **kw)
 
 
-def grouped_matmul(x_MK, group_sizes_E, w, bias_EN):
+def grouped_matmul(x_MK, group_sizes_E, w, bias_EN, *, kernels: str = "auto"):
     """Expert-sorted rows times their experts' (MXFP4-packed or dense) weights, plus bias; float32 [M, N].
 
-    On CPU (20b widths, mlp1, 2 cores; docs/cpu_performance.md):
+    The twins on CPU (20b widths, mlp1, 2 cores; docs/cpu_performance.md):
     - decode-sized calls (M <= ROWWISE_MAX_ROWS) run row by row, each row fused matrix-vector products over its
-      own expert's weights (`rowwise_matmul_xla`): 4 rows (batch 1) 8.6 ms against 224 ms for the grouped
+      own expert's weights (`rowwise_matmul_xla`): 4 rows (batch 1) 5 ms against 224 ms for the grouped
       matmul, which scans all (row tile, expert) work items and decodes a whole expert for each;
     - larger calls (prefill) decode each routed expert once and multiply all of its rows
       (`expert_loop_matmul_xla`): 256 rows 0.45 s against 2.1 s.
     Both treat dense experts exactly as packed ones (bit-identical results) and differentiate as the
     specification does.
     """
+    impl, interpret, backend = implementation(kernels)
+    if impl == "pallas":
+        return grouped_matmul_pallas(x_MK, group_sizes_E, w, bias_EN, interpret=interpret, backend=backend)
     if _on_cpu():
         K = x_MK.shape[1] // 2  # both CPU forms contract the even and the odd columns apart
         if x_MK.shape[0] <= ROWWISE_MAX_ROWS and K <= _CPU_GEMV_MAX_K:
-            # With rows for at least half the experts, copying the layer's experts out once (so that every row
-            # reads contiguous bytes) beats reading them through their [N, K/32, 16] shape (config a, batch 8:
-            # 55 ms a decode step against 120 ms).
-            scan = 2 * x_MK.shape[0] >= bias_EN.shape[0]
-            return rowwise_matmul_xla(x_MK, group_sizes_E, w, bias_EN, scan_rows=scan)
+            return rowwise_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
         return expert_loop_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
     return grouped_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
+
+
+def grouped_matmul_swiglu(x_MK, group_sizes_E, w, bias_EN, *, alpha: float, limit: float, kernels: str = "auto"):
+    """The first expert matmul and its clamped SwiGLU (interleaved gate/linear columns); float32 [M, N/2]. The
+    kernel applies the activation in its epilogue."""
+    impl, interpret, backend = implementation(kernels)
+    if impl == "pallas":
+        return grouped_matmul_swiglu_pallas(x_MK, group_sizes_E, w, bias_EN, alpha=alpha, limit=limit,
+                                            interpret=interpret, backend=backend)
+    return swiglu(grouped_matmul(x_MK, group_sizes_E, w, bias_EN, kernels="xla"), alpha, limit)

@@ -150,7 +150,7 @@ def _two_products(x_K, w_even_NB, w_odd_NB) -> jax.Array:
     return (even + odd)[0]
 
 
-def _rowwise_forward(x_MK, group_sizes_E, w, bias_EN, scan_rows=False):
+def _rowwise_forward(x_MK, group_sizes_E, w, bias_EN):
     M, K = x_MK.shape
     e_M, valid_M = expert_of_rows(group_sizes_E, M)
     if isinstance(w, Packed):
@@ -168,13 +168,7 @@ def _rowwise_forward(x_MK, group_sizes_E, w, bias_EN, scan_rows=False):
             w_NK = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
             return _two_products(x_K, w_NK[:, 0::2], w_NK[:, 1::2])
 
-    if scan_rows:
-        # A loop over rows takes the layer's expert arrays as a loop operand: XLA copies them out (once per call),
-        # and the copy is laid out [E, N, K/2], so every row's product then reads its bytes contiguously.
-        y_MN = jax.lax.scan(lambda _, xe: (None, row(*xe)), None, (x_MK, e_M))[1]
-    else:
-        # Unrolled: no copy, but each product reads the bytes through the [N, K/32, 16] -> [N, K/2] reshape.
-        y_MN = jnp.stack([row(x_MK[m], e_M[m]) for m in range(M)])
+    y_MN = jnp.stack([row(x_MK[m], e_M[m]) for m in range(M)])
     y_MN = y_MN + jnp.take(bias_EN, e_M, axis=0).astype(jnp.float32)
     return jnp.where(valid_M[:, None], y_MN, 0.0)
 
@@ -278,24 +272,18 @@ def _with_spec_gradient(forward):
     return f
 
 
-_rowwise = {scan: _with_spec_gradient(lambda *a, scan=scan: _rowwise_forward(*a, scan_rows=scan))
-            for scan in (False, True)}
+_rowwise = _with_spec_gradient(_rowwise_forward)
 _expert_loop = _with_spec_gradient(_expert_loop_forward)
 
 
-def rowwise_matmul_xla(x_MK, group_sizes_E, w, bias_EN, *, scan_rows: bool = False):
+def rowwise_matmul_xla(x_MK, group_sizes_E, w, bias_EN):
     """Same contract as `grouped_matmul_xla`, computed row by row: y[m] = W[e(m)] @ x[m] + bias[e(m)].
 
     For decode, where M = batch x experts per token is small: each row reads only its own expert's weights (an
-    MXFP4 expert is never decoded into memory), one fused matrix-vector product pair per row (`_two_products`).
-    Rows past the groups are zero.
-
-    `scan_rows`: loop over the rows instead of unrolling them. XLA then copies the layer's expert arrays once per
-    call, as [E, N, K/2], and each row's product reads contiguous bytes (4x faster than through the reshape of
-    [E, N, K/32, 16] that the unrolled rows read); worth it when the rows are many for the number of experts.
-    (Stored as [E, N, K/2] in the first place, the blocks would give both: see docs/cpu_performance.md.)
+    MXFP4 expert is never decoded into memory), one fused matrix-vector product pair per row (`_two_products`),
+    straight from the [E, N, K/2] bytes. Rows past the groups are zero.
     """
-    return _rowwise[scan_rows](x_MK, group_sizes_E, w, bias_EN)
+    return _rowwise(x_MK, group_sizes_E, w, bias_EN)
 
 
 def expert_loop_matmul_xla(x_MK, group_sizes_E, w, bias_EN):

@@ -1,0 +1,67 @@
+"""The model with its Pallas kernels forced on (interpret mode, on CPU) computes what it computes with the XLA twins:
+logits, every loss gradient, and KV-cached greedy decoding (the decode-attention kernel)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import gptoss_jax as gj
+from gptoss_jax import ops
+
+# Sliding (window 16), full, sliding: the band is exercised, and 40 tokens are no multiple of any kernel block.
+CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=3, sliding_window=16)
+TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 40)).astype(np.int32)
+
+
+def _model(kernels: str, experts: str):
+    return gj.init_model(dataclasses.replace(CFG, kernels=kernels), seed=1, dtype=jnp.float32, experts=experts)
+
+
+def _loss_and_grads(model):
+    def loss(model):
+        logits = model.forward(jnp.asarray(TOKENS[:, :-1]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(TOKENS[:, 1:])).mean()
+
+    return nnx.jit(lambda m: nnx.value_and_grad(loss)(m))(model)
+
+
+# Each backend's kernels once, between them both expert kinds (the kernel tests cover the full grid).
+@pytest.mark.parametrize("backend, experts", [("tpu", "dense"), ("gpu", "mxfp4")])
+def test_logits_and_gradients_match_the_twins(backend, experts):
+    twin, kernel = _model("xla", experts), _model(f"interpret-{backend}", experts)
+    (loss_t, grads_t), (loss_k, grads_k) = _loss_and_grads(twin), _loss_and_grads(kernel)
+    np.testing.assert_allclose(float(loss_k), float(loss_t), rtol=1e-6)
+    flat_t, flat_k = nnx.to_flat_state(grads_t), nnx.to_flat_state(grads_k)
+    assert [p for p, _ in flat_t] == [p for p, _ in flat_k]
+    for (path, g_t), (_, g_k) in zip(flat_t, flat_k):
+        g_t, g_k = np.asarray(g_t.get_value()), np.asarray(g_k.get_value())
+        # float32, summation order only: within 1e-5 of the gradient's own scale
+        np.testing.assert_allclose(g_k, g_t, atol=1e-5 * max(np.abs(g_t).max(), 1e-6), err_msg=str(path))
+    if experts == "dense":  # every parameter is trained, experts included
+        assert any(p[-1] == "weight" and np.abs(np.asarray(g.get_value())).max() > 0 for p, g in flat_k)
+
+
+def test_kernel_choice_follows_config_and_environment(monkeypatch):
+    assert ops.implementation("xla") == ("xla", False, None)
+    assert ops.implementation("interpret-gpu") == ("pallas", True, "gpu")
+    assert ops.implementation("auto")[0] == ("pallas" if jax.default_backend() in ("tpu", "gpu") else "xla")
+    monkeypatch.setenv(ops.KERNELS_ENV, "interpret-tpu")
+    assert ops.implementation("auto") == ("pallas", True, "tpu")
+    assert ops.implementation("xla") == ("xla", False, None)  # an explicit config wins over the environment
+    monkeypatch.setenv(ops.KERNELS_ENV, "cuda")
+    with pytest.raises(gj.ConfigError, match="GPTOSS_KERNELS='cuda'"):
+        ops.implementation("auto")
+    with pytest.raises(gj.ConfigError, match="kernels"):
+        dataclasses.replace(CFG, kernels="triton")
+
+
+def test_cached_greedy_decoding_with_the_decode_kernel():
+    prompts = [list(TOKENS[0, :13]), list(TOKENS[1, :29])]  # ragged: per-row positions and empty slots
+    twin = gj.generate(_model("xla", "mxfp4"), prompts, max_new_tokens=6, temperature=0)
+    kernel = gj.generate(_model("interpret-tpu", "mxfp4"), prompts, max_new_tokens=6, temperature=0)
+    assert kernel == twin
