@@ -127,13 +127,12 @@ def expected_experts(cfg: ModelConfig, tokens: int) -> float:
     return E * (1 - (1 - k / E) ** tokens)
 
 
-def moe_issued_rows(rows: int, experts: float, backend: str) -> float:
+def moe_issued_rows(rows: int, experts: float, num_experts: int, backend: str) -> float:
     """Rows the kernel multiplies: whole tm-row tiles, one per (row tile, expert) work item, at most
-    tiles + experts - 1 of them (an expert's rows straddle a tile boundary)."""
-    if backend == "gpu":
-        tm = min(MOE_TILE_M["gpu"], max(16, _next_pow2(rows)))
-    else:
-        tm = min(MOE_TILE_M["tpu"], _round_up(rows, 8))
+    tiles + experts - 1 of them (an expert's rows straddle a tile boundary). tm is the mean rows per expert, at
+    most the default tile (`_row_tile`)."""
+    want = min(MOE_TILE_M[backend], -(-rows // num_experts), rows)
+    tm = max(16, _next_pow2(want)) if backend == "gpu" else _round_up(want, 8)
     return (-(-rows // tm) + max(experts, 1.0) - 1) * tm
 
 
@@ -152,7 +151,8 @@ def moe_ops(cfg: ModelConfig, tokens: int) -> list[tuple[str, Op, dict]]:
         # Naive: dequantize (read MXFP4, write bf16), the matmul reads bf16; SwiGLU a separate pass over 2I.
         naive_bytes = weights * (MXFP4 + 2 * BF16) + bias + x + y + (2 * rows * n * F32 if fused else 0)
         useful = 2 * rows * n * k
-        kernel = {b: Cost(kernel_bytes, 2 * moe_issued_rows(rows, experts, b) * n * k) for b in BACKENDS}
+        kernel = {b: Cost(kernel_bytes, 2 * moe_issued_rows(rows, experts, cfg.num_experts, b) * n * k)
+                  for b in BACKENDS}
         ops.append((name, Op(kernel, Cost(naive_bytes, useful), useful),
                     {"rows": rows, "N": n, "K": k, "experts_read": experts}))
     return ops
@@ -432,7 +432,8 @@ def markdown(res: dict) -> str:
            "outputs float32 as both paths write them. The naive mlp1 writes the [rows, 5760] pre-activation and "
            "reads it back for the SwiGLU; the kernel fuses it.",
            f"- FLOPs: useful 2 x rows x N x K. Issued: the kernel multiplies whole row tiles (GPU {MOE_TILE_M['gpu']},"
-           f" TPU {MOE_TILE_M['tpu']} rows, fewer for small batches) per (row tile, expert) item, at most "
+           f" TPU {MOE_TILE_M['tpu']} rows at most; the mean rows per expert below that) per (row tile, expert)"
+           " item, at most "
            "tiles + experts - 1 items; the kernel's time uses these. The naive path is an ideal ragged matmul at "
            "the useful FLOPs (this favours it where both are compute-bound).",
            "- Not counted: x re-read once per N tile (served by L2 / the pipeline), dispatch and combine "

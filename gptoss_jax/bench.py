@@ -271,8 +271,8 @@ def _table(rows, bw, env) -> str:
                      f"{fmt(r['target_ratio'], '{:.1f}x')} | {fmt(r.get('roofline'))} | "
                      f"{fmt(r.get('fraction_of_roofline'), '{:.0%}')} |")
     lines += ["", "prefill: batch 1, tokens/s of the prompt; decode: batch x tokens/s after a "
-              f"{DECODE_PROMPT}-token prompt (a different one per row), greedy. Best of the repeats (all runs in the .json). Roofline: weight "
-              "bytes a decode step reads / read bandwidth (MXFP4 experts; transformers holds them in bf16, so its "
+              f"{DECODE_PROMPT}-token prompt (a different one per row), greedy. Best of the repeats (all runs in "
+              "the .json). Roofline: weight bytes a decode step reads / read bandwidth (MXFP4 experts; transformers holds them in bf16, so its "
               "own roofline is lower)."]
     return "\n".join(lines) + "\n"
 

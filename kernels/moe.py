@@ -25,6 +25,17 @@ def expert_matrix(w, e, dtype) -> jax.Array:
     return w[e].astype(dtype)
 
 
+def expert_tiles(group_sizes_E, tm: int):
+    """Per expert, for `tm`-row tiles of the expert-sorted rows: (first row, end row, first tile, tiles its rows
+    touch, cumulative tiles = the end of its (row tile, expert) work items)."""
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    ends_E = jnp.cumsum(sizes_E)
+    starts_E = ends_E - sizes_E
+    first_tile_E = starts_E // tm
+    tiles_E = jnp.where(sizes_E > 0, (ends_E - 1) // tm - first_tile_E + 1, 0)
+    return starts_E, ends_E, first_tile_E, tiles_E, jnp.cumsum(tiles_E)
+
+
 def grouped_matmul_xla(x_MK, group_sizes_E, w, bias_EN, *, tile_m: int = 128):
     """y[m] = W[e(m)] @ x[m] + bias[e(m)] in float32, [M, N].
 
@@ -38,12 +49,7 @@ def grouped_matmul_xla(x_MK, group_sizes_E, w, bias_EN, *, tile_m: int = 128):
     num_tiles = -(-M // tm)
     x_MK = jnp.pad(x_MK, ((0, num_tiles * tm - M), (0, 0)))
 
-    group_sizes_E = group_sizes_E.astype(jnp.int32)
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_E = ends_E - group_sizes_E
-    first_tile_E = starts_E // tm
-    tiles_E = jnp.where(group_sizes_E > 0, (ends_E - 1) // tm - first_tile_E + 1, 0)
-    item_ends_E = jnp.cumsum(tiles_E)
+    starts_E, ends_E, first_tile_E, tiles_E, item_ends_E = expert_tiles(group_sizes_E, tm)
     item_starts_E = item_ends_E - tiles_E
 
     def item(out_MN, i):

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from gptoss_kernels.moe import expert_of_rows, swiglu, swiglu_parts
+from gptoss_kernels.moe import expert_of_rows, expert_tiles, swiglu, swiglu_parts
 from gptoss_kernels.mxfp4 import Packed
 
 # Default tiles (rows, output columns, contraction). TPU: K is never tiled (the scales' K/32 lanes must be whole
@@ -53,7 +53,7 @@ def _config(backend, interpret, tile_m, tile_n, tile_k, swiglu_args=None) -> _Co
         raise ValueError(f"the MoE kernel targets 'tpu' or 'gpu', got backend={backend!r} "
                          "(on CPU pass backend='tpu' or 'gpu' with interpret=True)")
     dm, dn, dk = _TILES[backend]
-    return _Config(backend, interpret, tile_m or dm, tile_n or dn, tile_k or dk, swiglu_args)
+    return _Config(backend, interpret, tile_m, tile_n or dn, tile_k or dk, swiglu_args)
 
 
 def work_items(group_sizes_E, num_tiles: int, tm: int) -> jax.Array:
@@ -67,12 +67,7 @@ def work_items(group_sizes_E, num_tiles: int, tm: int) -> jax.Array:
     items keep the last real expert, so its weights are not fetched again.
     """
     E = group_sizes_E.shape[0]
-    sizes_E = group_sizes_E.astype(jnp.int32)
-    ends_E = jnp.cumsum(sizes_E)
-    starts_E = ends_E - sizes_E
-    first_tile_E = starts_E // tm
-    tiles_E = jnp.where(sizes_E > 0, (ends_E - 1) // tm - first_tile_E + 1, 0)
-    item_ends_E = jnp.cumsum(tiles_E)
+    starts_E, ends_E, first_tile_E, tiles_E, item_ends_E = expert_tiles(group_sizes_E, tm)
     num_real = item_ends_E[-1]
 
     i = jnp.arange(num_tiles + E - 1, dtype=jnp.int32)
@@ -386,10 +381,14 @@ def _backward_x_gpu(meta, g_MpN, ws, *, tm, K, cfg: _Config, dtype):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _row_tile(M: int, cfg: _Config) -> int:
+def _row_tile(M: int, E: int, cfg: _Config) -> int:
+    """Rows per work item: `tile_m` if given, else the mean rows per expert (at most the backend's default tile).
+    Decode-shaped calls thus get small tiles: at batch 64 (256 rows over 32 experts) a 128-row tile would issue
+    16x the useful FLOPs, which makes the decode compute-bound on a TPU v5e (experiments/bench_kernels.md)."""
+    rows = cfg.tile_m or min(_TILES[cfg.backend][0], -(-M // E))
     if cfg.backend == "gpu":  # a power of two, >= 16 for the tensor cores
-        return min(cfg.tile_m, max(16, pl.next_power_of_2(M)))
-    return min(cfg.tile_m, -(-M // 8) * 8)
+        return max(16, pl.next_power_of_2(min(rows, M)))
+    return -(-min(rows, M) // 8) * 8
 
 
 def _weight_arrays(w):
@@ -400,7 +399,7 @@ def _forward(x_MK, group_sizes_E, w, bias_EN, cfg: _Config):
     M, K = x_MK.shape
     E, N = bias_EN.shape
     P = 1 if cfg.swiglu is None else 2
-    tm = _row_tile(M, cfg)
+    tm = _row_tile(M, E, cfg)
     num_tiles = -(-M // tm)
     with jax.named_scope("moe_gmm_fwd"):
         x_MpK = jnp.pad(x_MK, ((0, num_tiles * tm - M), (0, 0)))
@@ -420,7 +419,7 @@ def _backward(cfg: _Config, res, g):
     if cfg.swiglu is not None:  # recompute the pre-activation, then through the SwiGLU in XLA
         h_MN = _forward(x_MK, group_sizes_E, w, bias_EN, cfg._replace(swiglu=None))
         g = jax.vjp(lambda h: swiglu(h, *cfg.swiglu), h_MN)[1](g)[0]
-    tm = _row_tile(M, cfg)
+    tm = _row_tile(M, E, cfg)
     num_tiles = -(-M // tm)
     with jax.named_scope("moe_gmm_bwd"):
         e_M, valid_M = expert_of_rows(group_sizes_E, M)
