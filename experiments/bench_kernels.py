@@ -208,11 +208,13 @@ def decode_attention_op(cfg: ModelConfig, batch: int, slots: int) -> tuple[Op, d
     cache = batch * slots * per_slot
     q = batch * Hq * hd * BF16
     kernel = {}
-    # GPU: rows of a kv head padded to >= 16; slots padded to splits x 64-slot blocks (a copy when padded).
+    # GPU: rows of a kv head padded to >= 16; slots cut into at most 4 splits, no more than whole 64-slot blocks,
+    # and padded to whole blocks (a copy when padded).
     rows = max(DECODE_GPU_MIN_ROWS, _next_pow2(G))
-    padded = DECODE_GPU_SPLITS * _round_up(-(-slots // DECODE_GPU_SPLITS), DECODE_GPU_BLOCK_K)
+    splits = max(1, min(DECODE_GPU_SPLITS, slots // DECODE_GPU_BLOCK_K))
+    padded = splits * _round_up(-(-slots // splits), DECODE_GPU_BLOCK_K)
     pad_copy = cache + batch * padded * per_slot if padded != slots else 0
-    partials = batch * Hkv * DECODE_GPU_SPLITS * rows * (hd + 1) * F32  # o and lse per split, merged in XLA
+    partials = batch * Hkv * splits * rows * (hd + 1) * F32  # o and lse per split, merged in XLA
     kernel["gpu"] = Cost(pad_copy + batch * padded * per_slot + q + 2 * partials + q,
                          4 * batch * padded * hd * rows * Hkv)
     # TPU: all kv heads in one block-diagonal product [Hkv*rows, Hkv*hd]: Hkv times the useful FLOPs.
@@ -477,8 +479,8 @@ def markdown(res: dict) -> str:
             "of 128. The cache holds exactly `context` slots (max_len = context, the new token included). K/V bf16 "
             "and an int32 position per slot, read once.",
             f"- GPU kernel: query rows of a kv head padded to {DECODE_GPU_MIN_ROWS} (2x the FLOPs of 8 heads); "
-            f"slots cut into {DECODE_GPU_SPLITS} splits of {DECODE_GPU_BLOCK_K}-slot blocks, padded by a copy "
-            "when they do not fill them (the 128-slot ring becomes 256). TPU kernel: all 8 kv heads in one "
+            f"slots cut into up to {DECODE_GPU_SPLITS} splits of whole {DECODE_GPU_BLOCK_K}-slot blocks, padded by "
+            "a copy when they do not fill them (the 128-slot ring takes 2 splits, unpadded). TPU kernel: all 8 kv heads in one "
             f"block-diagonal product (8x the useful FLOPs), slot blocks of {DECODE_TPU_BLOCK_K}.",
             f"- Naive (`attention_xla`): the same K/V read once (it groups query heads, never repeats K/V) plus "
             f"the scores round trip ({SCORE_BYTES} bytes a score). The column \"naive + repeat_kv\" models a "

@@ -358,6 +358,8 @@ def _decode_gpu(q_BTKGH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, window, sm_scale
     S = k_BSKH.shape[1]
     rows = max(16, pl.next_power_of_2(T * G))  # Triton dots need >= 16 rows
     q_BKRH, q_pos_BR = _rows(q_BTKGH, q_pos_BT, rows)
+    # No more splits than whole key blocks: a 128-slot ring in 4 splits of 64 would be padded (copied) to 256.
+    num_splits = max(1, min(num_splits, S // block_k))
     chunk = _round_up(-(-S // num_splits), block_k)
     Sp = chunk * num_splits
     # Reshapes, free when S already fills the splits; empty padding slots have position -1.
