@@ -216,11 +216,13 @@ class Transformer(nnx.Module):
 
     def _run_blocks(self, x_BTD, cos, sin, caches=None, chunk=None):
         """The layer stack under a scan over (sliding, full) pairs. `caches` = {"full": (k, v), "ring": (k, v)},
-        each stacked over its layers, is carried through the scan and updated in place."""
+        each stacked over its layers, is carried through the scan and updated in place. On XLA:CPU inference
+        differs in form only (`ops.unroll_layers`): decode steps run the layers unrolled, prefill scans over the
+        weights' bit patterns."""
         cfg = self.config
         graphdef, state = nnx.split(self.blocks)
         L = cfg.num_hidden_layers
-        restore = lambda s: s  # noqa: E731  (replaced where the layers' weights cross the scan in disguise)
+        restore = lambda s: s  # noqa: E731  (bitcasts back where the weights cross the scan as bit patterns)
 
         def layer(x, caches, layer_state, i, idx):
             window, kind = cfg.layer_window(i), "ring" if i % 2 == 0 else "full"
