@@ -1,0 +1,57 @@
+"""Regression tests for the XLA:CPU inference forms in `gptoss_jax.ops` (docs/cpu_performance.md, section 4).
+
+Inside a rolled loop over the stacked layers XLA:CPU converts every stacked bf16 weight to a float32 copy on each
+call (2x the weights in extra memory). The compiled prefill and decode steps must hold no such copy; with the
+CPU forms switched off the same check finds it, so the test can fail.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import gptoss_jax as gj
+from gptoss_jax import ops
+from gptoss_jax.generate import _steps
+from gptoss_jax.kvcache import KVCache
+
+CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=4)
+
+
+def _compiled_steps():
+    model = gj.init_model(CFG, seed=0, dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    _steps.cache_clear()  # trace anew under the current ops
+    prefill, _, decode = _steps(graphdef)
+    cache = KVCache.create(CFG, 1, 128)
+    B = jnp.ones((1,), jnp.int32)
+    key = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
+    prefill_hlo = prefill.lower(state, cache, jnp.ones((1, 16), jnp.int32), B * 16,
+                                jnp.zeros((1, CFG.hidden_size), jnp.bfloat16)).compile().as_text()
+    decode_hlo = decode.lower(state, cache, B, B.astype(bool), key, jnp.float32(0), jnp.float32(1), greedy=True,
+                              top_k=0, nucleus=False).compile().as_text()
+    stacked = [v.get_value().shape for _, v in nnx.to_flat_state(nnx.state(model.blocks))
+               if v.get_value().dtype == jnp.bfloat16 and v.get_value().ndim >= 3]
+    return prefill_hlo, decode_hlo, stacked
+
+
+def _f32_copies(hlo: str, shapes) -> list[str]:
+    return [s for s in (f"f32[{','.join(map(str, shape))}]" for shape in shapes) if s in hlo]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the forms under test are XLA:CPU's")
+def test_inference_steps_hold_no_float32_copy_of_the_stacked_weights(monkeypatch):
+    prefill_hlo, decode_hlo, stacked = _compiled_steps()
+    assert stacked  # qkv_w, out_w, gate_w: [layers, out, in]
+    assert _f32_copies(decode_hlo, stacked) == []
+    assert _f32_copies(prefill_hlo, stacked) == []
+    # Without the CPU forms the copies are there (what this test guards against).
+    monkeypatch.setattr(ops, "unroll_layers", lambda: False)
+    monkeypatch.setattr(ops, "scan_operands", lambda tree: (tree, lambda t: t))
+    try:
+        prefill_hlo, decode_hlo, stacked = _compiled_steps()
+    finally:
+        _steps.cache_clear()  # drop the steps traced without the CPU forms
+    assert _f32_copies(decode_hlo, stacked) and _f32_copies(prefill_hlo, stacked)
