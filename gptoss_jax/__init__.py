@@ -6,8 +6,9 @@ from gptoss_jax import harmony, mxfp4
 from gptoss_jax.generate import Sampling, generate
 from gptoss_jax.kvcache import KVCache
 from gptoss_jax.model import Transformer, init_model, param_bytes, param_count
+from gptoss_jax.sharding import make_mesh
 
 __all__ = [
-    "CheckpointError", "ConfigError", "KVCache", "ModelConfig", "Sampling", "Transformer", "find_layout", "generate", "init_model", "load_model",
-    "harmony", "mxfp4", "param_bytes", "param_count", "save_checkpoint",
+    "CheckpointError", "ConfigError", "KVCache", "ModelConfig", "Sampling", "Transformer", "find_layout", "generate",
+    "harmony", "init_model", "load_model", "make_mesh", "mxfp4", "param_bytes", "param_count", "save_checkpoint",
 ]

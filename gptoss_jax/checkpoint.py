@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from gptoss_jax import mxfp4
 from gptoss_jax.config import ConfigError, ModelConfig, load_json
 from gptoss_jax.model import Block, Transformer, non_block_params
+from gptoss_jax.sharding import variable_shardings
 
 Format = Literal["original", "hf"]
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -315,9 +316,9 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
 
     experts: "auto" keeps them as stored (MXFP4 packed, or dense for a bf16 HF checkpoint); "dense" decodes MXFP4
     to `dtype` (for fine-tuning); "mxfp4" encodes dense experts (lossy unless they are representable).
+    mesh (`gj.make_mesh`): every parameter is placed sharded as `gptoss_jax.sharding` says, a layer at a time
+    (this process reads each layer's tensors whole, one at a time; it never holds the whole model).
     """
-    if mesh is not None:
-        raise NotImplementedError("loading onto a mesh comes with sharding support; pass mesh=None")
     layout = find_layout(path)
     cfg = layout.config
     stored_rules = tensor_rules(cfg, layout.format, layout.experts)
@@ -326,10 +327,11 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, experts=target, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(state))
+    placement = {} if mesh is None else dict(variable_shardings(abstract, mesh))
     total = _expected_bytes(stored_rules, cfg)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {layout.folder.name}",
               disable=not progress) as bar, _Reader(layout, bar) as read:
-        for path_, value in _assemble(stored_rules, cfg, read, target, dtype):
+        for path_, value in _assemble(stored_rules, cfg, read, target, dtype, placement.get):
             leaves[path_].set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -346,61 +348,71 @@ def _set_layer(buf, x, i):
     return buf.at[i].set(x.astype(buf.dtype))
 
 
-def _assemble(rules: list[Rule], cfg: ModelConfig, read, target: str, dtype):
-    """Yield (our flat path, device array) for every parameter, reading the checkpoint one tensor at a time."""
+def _assemble(rules: list[Rule], cfg: ModelConfig, read, target: str, dtype, place=lambda path: None):
+    """Yield (our flat path, device array) for every parameter, reading the checkpoint one tensor at a time.
+    `place(path)` is the parameter's sharding (None: the default device)."""
     by_path = {r.path: r for r in rules}
     experts = [("mlp1",), ("mlp2",)]
     for r in rules:
         if r.path[-1] in ("blocks", "scales", "weight"):
             continue  # experts are assembled below, possibly converted
         load = lambda i, r=r: r.join([read(n.format(i=i)) for n in r.names])  # noqa: E731
-        yield r.path, _stack(cfg, r.per_layer, load, jnp.uint8 if r.kind == "uint8" else dtype)
+        yield r.path, _stack(cfg, r.per_layer, load, jnp.uint8 if r.kind == "uint8" else dtype, place(r.path))
     for (which,) in experts:
         base = ("blocks", "mlp", which)
         if base + ("weight",) in by_path:  # dense in the checkpoint
             r = by_path[base + ("weight",)]
             load = lambda i, r=r: r.join([read(r.names[0].format(i=i))])  # noqa: E731
             if target == "dense":
-                yield base + ("weight",), _stack(cfg, True, load, dtype)
+                yield base + ("weight",), _stack(cfg, True, load, dtype, place(base + ("weight",)))
             else:
                 codes = lambda i, load=load: mxfp4.encode(np.asarray(load(i), np.float32))  # noqa: E731
-                yield from _packed_from(cfg, base, codes)
+                yield from _packed_from(cfg, base, codes, place)
         else:
             rb, rs = by_path[base + ("blocks",)], by_path[base + ("scales",)]
             codes = lambda i, rb=rb, rs=rs: mxfp4.Packed(rb.join([read(rb.names[0].format(i=i))]),  # noqa: E731
                                                          read(rs.names[0].format(i=i)))
             if target == "dense":
                 decode = lambda i, codes=codes: np.asarray(mxfp4.decode(*codes(i), jnp.float32))  # noqa: E731
-                yield base + ("weight",), _stack(cfg, True, decode, dtype)
+                yield base + ("weight",), _stack(cfg, True, decode, dtype, place(base + ("weight",)))
             else:
-                yield from _packed_from(cfg, base, codes)
+                yield from _packed_from(cfg, base, codes, place)
 
 
-def _packed_from(cfg, base, codes):
+def _packed_from(cfg, base, codes, place):
     # Each layer's codes are read once and split into the two buffers.
     L = cfg.num_hidden_layers
     blocks_buf = scales_buf = None
     for i in range(L):
         p = codes(i)
         if blocks_buf is None:
-            blocks_buf = jnp.zeros((L, *p.blocks.shape), jnp.uint8)
-            scales_buf = jnp.zeros((L, *p.scales.shape), jnp.uint8)
+            blocks_buf = _zeros((L, *p.blocks.shape), jnp.uint8, place(base + ("blocks",)))
+            scales_buf = _zeros((L, *p.scales.shape), jnp.uint8, place(base + ("scales",)))
         blocks_buf = _set_layer(blocks_buf, jnp.asarray(p.blocks), i)
         scales_buf = _set_layer(scales_buf, jnp.asarray(p.scales), i)
     yield base + ("blocks",), blocks_buf
     yield base + ("scales",), scales_buf
 
 
-def _stack(cfg: ModelConfig, per_layer: bool, load: Callable[[int | None], np.ndarray], target_dtype) -> jax.Array:
+def _stack(cfg: ModelConfig, per_layer: bool, load: Callable[[int | None], np.ndarray], target_dtype,
+           sharding=None) -> jax.Array:
     if not per_layer:
-        return jnp.asarray(load(None)).astype(target_dtype)
+        x = np.asarray(load(None)).astype(jnp.dtype(target_dtype))
+        return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)  # each device its slice
     buf = None
     for i in range(cfg.num_hidden_layers):
-        x = jnp.asarray(load(i))
+        x = load(i)
         if buf is None:
-            buf = jnp.zeros((cfg.num_hidden_layers, *x.shape), target_dtype)
+            buf = _zeros((cfg.num_hidden_layers, *x.shape), target_dtype, sharding)
         buf = _set_layer(buf, x, i)
     return buf
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+    """A zero buffer, created already sharded when a sharding is given (never whole on one device)."""
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
 
 
 # ---- converting -------------------------------------------------------------------------------------------------

@@ -277,9 +277,30 @@ def check_tokens(tokens_BT, cfg: ModelConfig) -> jax.Array:
     return tokens.astype(jnp.int32)
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, experts: ExpertFormat = "mxfp4") -> Transformer:
-    """Random weights at a realistic scale (router, sinks and biases non-zero); experts MXFP4 unless 'dense'."""
-    return Transformer(cfg, dtype=dtype, experts=experts, rngs=nnx.Rngs(seed))
+def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, experts: ExpertFormat = "mxfp4",
+               mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """Random weights at a realistic scale (router, sinks and biases non-zero); experts MXFP4 unless 'dense'.
+
+    With a `mesh` (`gj.make_mesh`) every parameter is created already sharded as the logical-axis table in
+    `gptoss_jax.sharding` says, inside one jitted initializer: no device ever holds the whole model. The values
+    equal the unsharded ones for the same seed.
+    """
+    def build():
+        return Transformer(cfg, dtype=dtype, experts=experts, rngs=nnx.Rngs(seed))
+
+    if mesh is None:
+        return build()
+    from gptoss_jax.sharding import variable_shardings
+
+    abstract = nnx.eval_shape(build)
+    graphdef, _ = nnx.split(abstract)
+    placed = variable_shardings(abstract, mesh)
+    values = jax.jit(lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.state(build()))],
+                     out_shardings=[sharding for _, sharding in placed])()
+    leaves = dict(nnx.to_flat_state(nnx.state(abstract)))
+    for (path, _), value in zip(placed, values):
+        leaves[path].set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def param_count(model: Transformer) -> int:
