@@ -18,6 +18,7 @@ from flax import nnx
 
 from gptoss_jax.kvcache import KVCache
 from gptoss_jax.model import Transformer
+from gptoss_jax.sharding import mesh_of
 
 PREFILL_CHUNK = 512  # longest prefill chunk: bounds prefill memory for long prompts
 
@@ -117,7 +118,10 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_toke
     B = len(prompts)
     graphdef, state = nnx.split(model)
     prefill_step, first_token, decode_step = _steps(graphdef)
-    cache = KVCache.create(cfg, B, min(_bucket(needed, 128), cfg.max_position_embeddings), model.dtype)
+    max_len = min(_bucket(needed, 128), cfg.max_position_embeddings)
+    mesh = mesh_of(model)  # a sharded model decodes with a cache sharded over the same mesh
+    cache = (KVCache.create(cfg, B, max_len, model.dtype) if mesh is None
+             else KVCache.create_sharded(cfg, B, max_len, model.dtype, mesh))
 
     chunk = _bucket(int(lengths.max()), 16, prefill_chunk)
     chunk = min(chunk, prefill_chunk)

@@ -41,6 +41,18 @@ class KVCache:
         return cls(jnp.zeros(full, dtype), jnp.zeros(full, dtype), jnp.zeros(ring, dtype), jnp.zeros(ring, dtype),
                    jnp.zeros((batch,), jnp.int32))
 
+    @classmethod
+    def create_sharded(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, mesh) -> KVCache:
+        """`create`, each buffer made already sharded over `mesh` (batch over data x fsdp, kv heads over tensor)."""
+        from gptoss_jax.sharding import logical_sharding
+
+        shapes = jax.eval_shape(lambda: cls.create(cfg, batch, max_len, dtype))
+        cache_axes = ("layers", "batch", "sequence", "kv_heads", "head_dim")
+        shardings = cls(*(logical_sharding(cache_axes, getattr(shapes, f).shape, mesh)
+                          for f in ("full_k", "full_v", "ring_k", "ring_v")),
+                        logical_sharding(("batch",), (batch,), mesh))
+        return jax.jit(lambda: cls.create(cfg, batch, max_len, dtype), out_shardings=shardings)()
+
     @property
     def max_len(self) -> int:
         return self.full_k.shape[2]

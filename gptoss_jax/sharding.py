@@ -30,6 +30,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "heads_x_dim": ("tensor",),
     "experts": ("expert",),
     "expert_mlp": ("tensor",),
+    # activations and the KV cache
+    "sequence": (),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
 }
 
 
@@ -67,6 +71,16 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*spec)
+
+
+def mesh_of(model: nnx.Module) -> Mesh | None:
+    """The mesh a model's parameters are sharded over (None for a model on one device)."""
+    sharding = getattr(model.embedding.get_value(), "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh))
 
 
 def variable_shardings(model: nnx.Module, mesh: Mesh) -> list[tuple[tuple, NamedSharding]]:
