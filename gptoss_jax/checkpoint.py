@@ -397,7 +397,7 @@ def _packed_from(cfg, base, codes, place):
 def _stack(cfg: ModelConfig, per_layer: bool, load: Callable[[int | None], np.ndarray], target_dtype,
            sharding=None) -> jax.Array:
     if not per_layer:
-        x = np.asarray(load(None)).astype(jnp.dtype(target_dtype))
+        x = np.asarray(load(None)).astype(jnp.dtype(target_dtype), copy=False)  # the embeddings: 1.2 GB each
         return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)  # each device its slice
     buf = None
     for i in range(cfg.num_hidden_layers):

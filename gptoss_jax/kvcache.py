@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from gptoss_jax import ops
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.sharding import logical_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -44,8 +45,6 @@ class KVCache:
     @classmethod
     def create_sharded(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, mesh) -> KVCache:
         """`create`, each buffer made already sharded over `mesh` (batch over data x fsdp, kv heads over tensor)."""
-        from gptoss_jax.sharding import logical_sharding
-
         shapes = jax.eval_shape(lambda: cls.create(cfg, batch, max_len, dtype))
         cache_axes = ("layers", "batch", "sequence", "kv_heads", "head_dim")
         shardings = cls(*(logical_sharding(cache_axes, getattr(shapes, f).shape, mesh)

@@ -19,6 +19,7 @@ from gptoss_jax import kvcache, ops
 from gptoss_jax.config import MXFP4_BLOCK, ModelConfig
 from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.rope import apply_rope, rope_cos_sin
+from gptoss_jax.sharding import variable_shardings
 from gptoss_kernels.moe import swiglu  # noqa: F401  (the activation, re-exported for tests and notebooks)
 
 ExpertFormat = Literal["mxfp4", "dense"]
@@ -290,8 +291,6 @@ def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, experts: Exp
 
     if mesh is None:
         return build()
-    from gptoss_jax.sharding import variable_shardings
-
     abstract = nnx.eval_shape(build)
     graphdef, _ = nnx.split(abstract)
     placed = variable_shardings(abstract, mesh)

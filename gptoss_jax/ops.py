@@ -118,17 +118,20 @@ def scan_operands(tree):
     if not _on_cpu():
         return tree, lambda t: t
     dtypes = jax.tree.map(lambda a: a.dtype, tree)
-    hide = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a  # noqa: E731
-    return jax.tree.map(hide, tree), lambda t: jax.tree.map(
+    return jax.tree.map(_bits, tree), lambda t: jax.tree.map(
         lambda a, dtype: a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype), t, dtypes)
 
 
 def layer_slice(stacked, i: int):
     """Layer i of a stacked weight, for the unrolled layers. A bf16 array is sliced as its uint16 bit pattern:
     XLA:CPU slices bf16 through float32, which makes a slice read by two products a materialized copy."""
-    if stacked.dtype != jnp.bfloat16:
-        return stacked[i]
-    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(stacked, jnp.uint16)[i], jnp.bfloat16)
+    layer = _bits(stacked)[i]
+    return layer if layer.dtype == stacked.dtype else jax.lax.bitcast_convert_type(layer, stacked.dtype)
+
+
+def _bits(a):
+    """A bf16 array as its uint16 bit patterns (a same-width stand-in XLA:CPU neither converts nor hoists)."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
 
 
 def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None,
