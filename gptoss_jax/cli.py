@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import sys
 
+from gptoss_jax.train import cli as finetune_cli
+
 DTYPES = ("bfloat16", "float32")
 
 
@@ -44,8 +46,20 @@ def cmd_init(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from gptoss_jax.checkpoint import convert_checkpoint, find_layout
+    from pathlib import Path
 
+    from gptoss_jax.checkpoint import convert_checkpoint, find_layout
+    from gptoss_jax.train.trainer import RUN_FILE
+
+    if (Path(args.checkpoint) / RUN_FILE).exists():  # a fine-tuning run: export its newest checkpoint
+        from gptoss_jax.train.export import export_run
+
+        path, errors = export_run(args.checkpoint, args.out, args.format, experts=args.experts,
+                                  overwrite=args.overwrite)
+        detail = ", ".join(f"{k} {v:.2%}" for k, v in errors.items())
+        print(f"exported the fine-tuning run {args.checkpoint} to the {args.format} layout ({args.experts} experts) "
+              f"in {path}" + (f"; MXFP4 re-encoding error (relative RMS): {detail}" if errors else ""))
+        return
     src = find_layout(args.checkpoint)
     path = convert_checkpoint(args.checkpoint, args.out, args.format, experts=args.experts, overwrite=args.overwrite)
     print(f"converted {src.folder} ({src.format} layout, {src.experts} experts) to the {args.format} layout "
@@ -225,10 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("convert", help="rewrite a checkpoint in the other layout",
-                       description="Convert between the original and the Hugging Face layouts, tensor by tensor. "
-                                   "MXFP4 expert bytes are copied unchanged (lossless).")
-    p.add_argument("--checkpoint", required=True, help="source folder (either layout, or an HF snapshot root)")
+    p = sub.add_parser("convert", help="rewrite a checkpoint in the other layout, or export a fine-tuning run",
+                       description="Convert between the original and the Hugging Face layouts, tensor by tensor "
+                                   "(MXFP4 expert bytes are copied unchanged: lossless). Given a `finetune` run "
+                                   "folder, export its newest checkpoint: experts re-encoded to MXFP4 (the "
+                                   "relative re-encoding error is printed) or, with --experts bf16 (hf), kept dense.")
+    p.add_argument("--checkpoint", required=True,
+                   help="source folder (either layout, an HF snapshot root, or a `finetune` run folder)")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--format", choices=("original", "hf"), required=True, help="destination layout")
     p.add_argument("--experts", choices=("mxfp4", "bf16"), default="mxfp4",
@@ -264,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="instructions for the model (the developer message)")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
+
+    finetune_cli.add_parser(sub)
 
     # `bench` has its own parser (gptoss_jax.bench); main() hands it the arguments unparsed.
     sub.add_parser("bench", help="generation speed against transformers and the roofline (bench --help)",

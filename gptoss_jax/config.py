@@ -17,6 +17,7 @@ ORIGINAL_CONFIG_KEYS = (
 )
 MXFP4_BLOCK = 32  # elements that share one E8M0 scale
 KERNEL_MODES = ("auto", "xla", "pallas", "interpret-tpu", "interpret-gpu")
+REMAT_MODES = ("none", "full", "dots", "dots_no_batch")  # per-layer rematerialization (model.REMAT_POLICIES)
 
 
 class ConfigError(ValueError):

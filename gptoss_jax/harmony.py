@@ -139,8 +139,10 @@ def to_conversation(
     reasoning_effort: str | ReasoningEffort = "medium",
     tools: Sequence[Mapping[str, Any]] | None = None,
     date: str | _dt.date | None = None,
+    for_training: bool = False,
 ) -> Conversation:
-    """The openai-harmony `Conversation` that `render_chat` renders (see there)."""
+    """The openai-harmony `Conversation` that `render_chat` renders (see there). `for_training` keeps the last
+    turn's reasoning (everything after the last user message), which a prompt for the next turn drops."""
     system = SystemContent.new().with_reasoning_effort(_effort(reasoning_effort))
     system.conversation_start_date = None  # openai-harmony 0.0.8 sets none by default; never let a default leak in
     if date is not None:
@@ -172,7 +174,9 @@ def to_conversation(
     # Harmony: drop the chain of thought of every response that ended in a final message. openai-harmony 0.0.8
     # only drops analysis before the *first* final message, and only when the last assistant message is final, so
     # older turns' reasoning would survive in longer chats; drop it here and let the library drop nothing more.
-    finals = [k for k, msg in enumerate(body) if msg.author.role == Role.ASSISTANT and msg.channel == "final"]
+    last_user = max([k for k, msg in enumerate(body) if msg.author.role == Role.USER], default=-1)
+    finals = [k for k, msg in enumerate(body) if msg.author.role == Role.ASSISTANT and msg.channel == "final"
+              and (not for_training or k < last_user)]
     if finals:
         body = [msg for k, msg in enumerate(body)
                 if not (k < finals[-1] and msg.author.role == Role.ASSISTANT and msg.channel == "analysis")]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax import kvcache, ops
-from gptoss_jax.config import MXFP4_BLOCK, ModelConfig
+from gptoss_jax.config import MXFP4_BLOCK, REMAT_MODES, ModelConfig
 from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.rope import apply_rope, rope_cos_sin
 from gptoss_jax.sharding import variable_shardings
@@ -56,9 +56,9 @@ class Attention(nnx.Module):
         self.out_b = nnx.Param(_normal(rngs, (D,), 0.02, dtype), axes=("embed",))
         self.sinks = nnx.Param(_normal(rngs, (cfg.num_attention_heads,), 1.0, dtype), axes=("heads",))
 
-    def __call__(self, x_BTD, cos, sin, *, window: int, kv=None, chunk=None):
-        """Whole-sequence attention, or with `kv` = (layer k, layer v, is_ring) a chunk over a KV cache, which
-        returns the updated layer cache too."""
+    def __call__(self, x_BTD, cos, sin, *, window: int, kv=None, chunk=None, segment_ids_BT=None):
+        """Whole-sequence attention (packed rows: `segment_ids_BT`), or with `kv` = (layer k, layer v, is_ring) a
+        chunk over a KV cache, which returns the updated layer cache too."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         K, G, H = cfg.num_key_value_heads, cfg.q_per_kv, cfg.head_dim
@@ -70,7 +70,7 @@ class Attention(nnx.Module):
         sinks_KG = self.sinks[...].reshape(K, G)
         if kv is None:
             o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, window=window, sm_scale=H**-0.5,
-                              kernels=cfg.kernels)
+                              segment_ids_BT=segment_ids_BT, kernels=cfg.kernels)
             new_kv = None
         else:
             layer_k, layer_v, ring = kv
@@ -156,9 +156,10 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, dtype, rngs)
         self.mlp = MoE(cfg, dtype, experts, rngs)
 
-    def __call__(self, x_BTD, cos, sin, *, window: int, kv=None, chunk=None):
+    def __call__(self, x_BTD, cos, sin, *, window: int, kv=None, chunk=None, segment_ids_BT=None):
         with jax.named_scope("attention"):
-            x_BTD, new_kv = self.attn(x_BTD, cos, sin, window=window, kv=kv, chunk=chunk)
+            x_BTD, new_kv = self.attn(x_BTD, cos, sin, window=window, kv=kv, chunk=chunk,
+                                      segment_ids_BT=segment_ids_BT)
         with jax.named_scope("moe"):
             return self.mlp(x_BTD), new_kv
 
@@ -191,12 +192,20 @@ class Transformer(nnx.Module):
             return self.forward(tokens_BT)
         return _jitted_forward(self, check_tokens(tokens_BT, self.config))
 
-    def forward(self, tokens_BT) -> jax.Array:
-        T = tokens_BT.shape[1]
+    def forward(self, tokens_BT, segment_ids_BT=None, positions_BT=None, *, remat: str = "none") -> jax.Array:
+        return self.logits(self.hidden(tokens_BT, segment_ids_BT, positions_BT, remat=remat))
+
+    def hidden(self, tokens_BT, segment_ids_BT=None, positions_BT=None, *, remat: str = "none") -> jax.Array:
+        """Final-normed hidden states [B, T, D] of the full causal forward. Packed rows (training) give each token
+        its example's segment id (attention stays inside an example) and its position within the example (RoPE).
+        `remat` names a rematerialization policy per layer (REMAT_POLICIES)."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        positions = jnp.arange(tokens_BT.shape[1])[None] if positions_BT is None else positions_BT
         x_BTD = self._embed(tokens_BT)
-        cos, sin = rope_cos_sin(jnp.arange(T)[None], self.config)
-        x_BTD, _ = self._run_blocks(x_BTD, cos, sin)
-        return self.logits(self.norm(x_BTD))
+        cos, sin = rope_cos_sin(positions, self.config)
+        x_BTD, _ = self._run_blocks(x_BTD, cos, sin, segment_ids_BT=segment_ids_BT, remat=remat)
+        return self.norm(x_BTD)
 
     def extend(self, tokens_BT, cache: kvcache.KVCache, n_B) -> tuple[jax.Array, kvcache.KVCache]:
         """Run a chunk of new tokens over the cache: row b's first n_B[b] tokens are real and continue from
@@ -215,7 +224,7 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BT):
         return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
-    def _run_blocks(self, x_BTD, cos, sin, caches=None, chunk=None):
+    def _run_blocks(self, x_BTD, cos, sin, caches=None, chunk=None, *, segment_ids_BT=None, remat: str = "none"):
         """The layer stack under a scan over (sliding, full) pairs. `caches` = {"full": (k, v), "ring": (k, v)},
         each stacked over its layers, is carried through the scan and updated in place. On XLA:CPU inference
         differs in form only (`ops.unroll_layers`): decode steps run the layers unrolled, prefill scans over the
@@ -225,12 +234,18 @@ class Transformer(nnx.Module):
         L = cfg.num_hidden_layers
         restore = lambda s: s  # noqa: E731  (bitcasts back where the weights cross the scan as bit patterns)
 
+        def block(x, layer_state, kv, window):
+            return nnx.merge(graphdef, restore(layer_state))(x, cos, sin, window=window, kv=kv, chunk=chunk,
+                                                             segment_ids_BT=segment_ids_BT)
+
+        if REMAT_POLICIES[remat] is not None:  # training: recompute each layer's activations in the backward pass
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], static_argnums=(3,), prevent_cse=False)
+
         def layer(x, caches, layer_state, i, idx):
             window, kind = cfg.layer_window(i), "ring" if i % 2 == 0 else "full"
             kv = None if caches is None else (*(a[idx] for a in caches[kind]), kind == "ring")
             with jax.named_scope(f"block_{'sliding' if window else 'full'}"):
-                x, new_kv = nnx.merge(graphdef, restore(layer_state))(x, cos, sin, window=window, kv=kv,
-                                                                      chunk=chunk)
+                x, new_kv = block(x, layer_state, kv, window)
             if caches is not None:
                 caches = {**caches, kind: tuple(a.at[idx].set(n) for a, n in zip(caches[kind], new_kv))}
             return x, caches
@@ -254,6 +269,17 @@ class Transformer(nnx.Module):
         if L % 2:  # a trailing even-indexed (sliding) layer
             x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: a[L - 1], state), L - 1, L // 2)
         return x_BTD, caches
+
+
+# Per-layer rematerialization for training: "none" keeps every activation, "full" recomputes the whole layer in the
+# backward pass, "dots" keeps matmul outputs, "dots_no_batch" keeps only the weight matmuls' outputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert tuple(REMAT_POLICIES) == REMAT_MODES
 
 
 @nnx.jit

@@ -135,20 +135,25 @@ def _bits(a):
 
 
 def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None,
-              kernels: str = "auto"):
+              segment_ids_BT=None, kernels: str = "auto"):
     """Causal attention with sinks and an optional sliding window; [B, T, K, G, H].
 
-    Without positions: a whole sequence from position 0 (the flash kernel). With them: queries against a KV cache's
-    slots, whose position is -1 when empty (the decode kernel, for up to DECODE_KERNEL_MAX_QUERIES queries a row).
+    Without positions: a whole sequence from position 0 (the flash kernel), optionally packed (`segment_ids_BT`:
+    queries see their own segment only; the flash kernel takes them on TPU, elsewhere the twin does). With
+    positions: queries against a KV cache's slots, whose position is -1 when empty (the decode kernel, for up to
+    DECODE_KERNEL_MAX_QUERIES queries a row).
     """
     impl, interpret, backend = implementation(kernels)
     kw = dict(window=window, sm_scale=sm_scale)
-    if impl == "pallas" and q_pos_BT is None:
-        return flash_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, interpret=interpret, backend=backend, **kw)
-    if impl == "pallas" and q_BTKGH.shape[1] <= DECODE_KERNEL_MAX_QUERIES:
+    packed_ok = segment_ids_BT is None or (backend or jax.default_backend()) == "tpu"
+    if impl == "pallas" and q_pos_BT is None and packed_ok:
+        return flash_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, interpret=interpret, backend=backend,
+                               segment_ids_BT=segment_ids_BT, **kw)
+    if impl == "pallas" and q_pos_BT is not None and q_BTKGH.shape[1] <= DECODE_KERNEL_MAX_QUERIES:
         return decode_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS,
                                 interpret=interpret, backend=backend, **kw)
-    return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS, **kw)
+    return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS,
+                         segment_ids_BT=segment_ids_BT, **kw)
 
 
 def grouped_matmul(x_MK, group_sizes_E, w, bias_EN, *, kernels: str = "auto"):

@@ -22,17 +22,22 @@ def band_mask(q_pos, k_pos, window: int) -> jax.Array:
 
 
 def attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None,
-                  k_pos_BS=None):
+                  k_pos_BS=None, segment_ids_BT=None):
     """Softmax attention whose denominator also holds e^sink for each query head; output [B, T, K, G, H].
 
     Positions default to 0..T-1 and 0..S-1 (a whole-sequence forward); a KV cache passes its own, with -1 for
     empty slots. Scores, softmax and the sink are in float32; the sink is not scaled by `sm_scale`.
+    `segment_ids_BT` (whole sequences only, S == T) keeps packed examples apart: a query sees only keys of its own
+    segment.
     """
     B, T, S = q_BTKGH.shape[0], q_BTKGH.shape[1], k_BSKH.shape[1]
     q_pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if q_pos_BT is None else q_pos_BT
     k_pos_BS = jnp.broadcast_to(jnp.arange(S), (B, S)) if k_pos_BS is None else k_pos_BS
     s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * sm_scale
-    mask_B11TS = band_mask(q_pos_BT, k_pos_BS, window)[:, None, None]
+    mask_BTS = band_mask(q_pos_BT, k_pos_BS, window)
+    if segment_ids_BT is not None:
+        mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    mask_B11TS = mask_BTS[:, None, None]
     s_BKGTS = jnp.where(mask_B11TS, s_BKGTS, -jnp.inf)
     sink_KG11 = sinks_KG.astype(jnp.float32)[:, :, None, None]
     m = jnp.maximum(s_BKGTS.max(axis=-1, keepdims=True), sink_KG11)

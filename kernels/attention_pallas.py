@@ -259,38 +259,52 @@ def _splash_kernel(T: int, G: int, window: int, block_q: int, block_k: int, inte
                                                 interpret=interpret)
 
 
-def _flash_tpu(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, *, window, sm_scale, block_q, block_k, interpret):
+def _flash_tpu(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, segment_ids_BT, *, window, sm_scale, block_q, block_k, interpret):
     B, T, K, G, H = q_BTKGH.shape
     kernel = _splash_kernel(T, G, window, block_q, block_k, interpret)
     # Splash does not scale scores; scaling q first is exact for a power-of-two sm_scale (gpt-oss: 1/8).
     q_BKGTH = (q_BTKGH * jnp.asarray(sm_scale, q_BTKGH.dtype)).transpose(0, 2, 3, 1, 4)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    per_kv_head = jax.vmap(lambda q_GTH, k_TH, v_TH, s_G: kernel(q_GTH, k_TH, v_TH, sinks=s_G))
-    o_BKGTH = jax.vmap(per_kv_head, in_axes=(0, 0, 0, None))(q_BKGTH, k_BKTH, v_BKTH, sinks_KG.astype(_F32))
+    if segment_ids_BT is None:
+        per_kv_head = jax.vmap(lambda q_GTH, k_TH, v_TH, s_G: kernel(q_GTH, k_TH, v_TH, sinks=s_G))
+        o_BKGTH = jax.vmap(per_kv_head, in_axes=(0, 0, 0, None))(q_BKGTH, k_BKTH, v_BKTH, sinks_KG.astype(_F32))
+    else:
+        per_kv_head = jax.vmap(lambda q_GTH, k_TH, v_TH, s_G, seg: kernel(q_GTH, k_TH, v_TH, sinks=s_G,
+                                                                           segment_ids=seg),
+                               in_axes=(0, 0, 0, 0, None))
+        segments = splash.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+        o_BKGTH = jax.vmap(per_kv_head, in_axes=(0, 0, 0, None, 0))(q_BKGTH, k_BKTH, v_BKTH, sinks_KG.astype(_F32),
+                                                                    segments)
     return o_BKGTH.transpose(0, 3, 1, 2, 4)
 
 
 def flash_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, interpret: bool = False,
                     block_q: int | None = None, block_k: int | None = None, backend: str | None = None,
-                    num_warps: int = 4, num_stages: int = 2):
+                    num_warps: int = 4, num_stages: int = 2, segment_ids_BT=None):
     """`attention_xla` for a whole sequence (positions 0..T-1, S == T), differentiable in q, k, v and the sinks.
 
     Key blocks outside the causal band are skipped. T need not be a multiple of the blocks (padded here; padded
     keys lie after every real query, so no real query sees them). Blocks default to 128 on TPU (splash needs
     multiples of 128) and 64 on GPU (Triton: powers of two, at least 16); num_warps/num_stages are Triton's.
+    `segment_ids_BT` (packed training rows) is supported on TPU only (splash's SegmentIds); `ops.attention`
+    sends such calls to the twin on GPU.
     """
     B, T, K, G, H = q_BTKGH.shape
     if k_BSKH.shape != (B, T, K, H) or v_BSKH.shape != k_BSKH.shape or sinks_KG.shape != (K, G):
         raise ValueError(f"flash_attention wants q [B, T, K, G, H], k and v [B, T, K, H], sinks [K, G]; got "
                          f"{q_BTKGH.shape}, {k_BSKH.shape}, {v_BSKH.shape}, {sinks_KG.shape}")
     backend = _backend(backend)
+    if segment_ids_BT is not None and backend != "tpu":
+        raise NotImplementedError("flash_attention: segment ids are supported on TPU only (use attention_xla)")
     default_block = 128 if backend == "tpu" else 64
     block_q, block_k = block_q or default_block, block_k or default_block
     Tp = _round_up(T, max(block_q, block_k))
     q, k, v = (_pad_axis(x, 1, Tp) for x in (q_BTKGH, k_BSKH, v_BSKH))
     with jax.named_scope(f"flash_attention_{backend}_w{window}"):
         if backend == "tpu":
-            out = _flash_tpu(q, k, v, sinks_KG, window=window, sm_scale=sm_scale, block_q=block_q,
+            # Padded keys get their own segment, so no real query sees them in either direction.
+            seg = None if segment_ids_BT is None else _pad_axis(segment_ids_BT.astype(jnp.int32), 1, Tp, value=-1)
+            out = _flash_tpu(q, k, v, sinks_KG, seg, window=window, sm_scale=sm_scale, block_q=block_q,
                              block_k=block_k, interpret=interpret)
         else:
             cfg = _GpuCfg(window, float(sm_scale), block_q, block_k, num_warps, num_stages, interpret)

@@ -1,0 +1,116 @@
+"""The training step: masked next-token loss, AdamW with float32 state, gradient accumulation, clipping.
+
+The model's parameters keep their dtype (bf16 for real checkpoints: "bf16 compute"); the optimizer's moments are
+float32 whatever the parameter dtype, and updates are computed in float32 and rounded once into the parameters.
+Training state per parameter: 2 (bf16 weight) + 4 + 4 (AdamW moments) = 10 bytes, plus the gradient (2 bytes,
+transient; float32 accumulators when accumulating over micro-batches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gptoss_jax.model import Transformer
+
+# Parameters that AdamW's weight decay leaves alone: norms, biases and attention sinks.
+NO_DECAY = ("scale", "qkv_b", "out_b", "gate_b", "mlp1_b", "mlp2_b", "sinks")
+LOSS_CHUNK = 1024  # tokens whose [chunk, vocab] logits exist at once in the loss
+
+
+def decay_mask(params: nnx.State) -> Any:
+    """True for the matrices (decayed), False for norms, biases and sinks."""
+    def decayed(path, _):
+        return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1] not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(*, lr: float, warmup: int, steps: int, weight_decay: float, clip_norm: float,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, min_lr_ratio: float = 0.1,
+                   mask=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping; learning rate: linear warmup to `lr`, cosine decay to lr * min_lr_ratio."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(steps, warmup + 1),
+                                                  end_value=lr * min_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)), schedule
+
+
+def _f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: nnx.State):
+    """Optimizer state in float32, whatever the parameters' dtype."""
+    return tx.init(_f32(params))
+
+
+def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: int = LOSS_CHUNK):
+    """(sum of weighted next-token cross-entropies, sum of weights) for one micro-batch [B, L].
+
+    The unembedding and its log-softmax run over `chunk` tokens at a time and are recomputed in the backward pass,
+    so the [tokens, vocab] logits never exist whole (201088 float32 logits are 0.8 MB a token).
+    """
+    h_BLD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], remat=remat)
+    B, L, D = h_BLD.shape
+    n = B * L
+    c = min(chunk, n)
+    pad = -n % c
+    h_ND = jnp.pad(h_BLD.reshape(n, D), ((0, pad), (0, 0)))
+    t_N = jnp.pad(batch["targets"].reshape(n), (0, pad))
+    w_N = jnp.pad(batch["weights"].reshape(n).astype(jnp.float32), (0, pad))
+
+    @jax.checkpoint
+    def piece(h_cD, t_c, w_c):
+        logits = model.logits(h_cD)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        return jnp.sum(nll * w_c)
+
+    def body(total, xs):
+        return total + piece(*xs), None
+
+    split = lambda x: x.reshape(-1, c, *x.shape[1:])  # noqa: E731
+    total, _ = jax.lax.scan(body, jnp.float32(0), (split(h_ND), split(t_N), split(w_N)))
+    return total, jnp.sum(w_N)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, remat: str = "none",
+                    donate: bool = True):
+    """jit(params, opt_state, step, batch [K, B, L] for K micro-batches) -> (params, opt_state, metrics).
+
+    The loss is the mean over every trained token of all K micro-batches, so accumulating K micro-batches of B rows
+    gives the gradient of one batch of K * B rows. Gradients are summed in float32.
+    """
+
+    def loss_sum(params, micro):
+        total, count = token_losses(nnx.merge(graphdef, params), micro, remat)
+        return total, count
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def train_step(params, opt_state, step, batch):
+        def accumulate(carry, micro):
+            g_acc, l_acc, n_acc = carry
+            (l, n), g = grad_fn(params, micro)
+            return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (g_sum, l_sum, n_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        denom = jnp.maximum(n_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, _f32(params))
+        params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), params, updates)
+        metrics = {"loss": l_sum / denom, "grad_norm": grad_norm, "lr": schedule(step), "tokens": n_sum}
+        return params, opt_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_eval_step(graphdef):
+    """jit(params, batch [B, L]) -> (loss sum, trained-token count)."""
+    return jax.jit(lambda params, batch: token_losses(nnx.merge(graphdef, params), batch))
