@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
         # Bad input (checkpoint, config, arguments) is reported without a traceback.
         print(f"gptoss-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
