@@ -3,7 +3,7 @@
 The model's parameters keep their dtype (bf16 for real checkpoints: "bf16 compute"); the optimizer's moments are
 float32 whatever the parameter dtype, and updates are computed in float32 and rounded once into the parameters.
 Training state per parameter: 2 (bf16 weight) + 4 + 4 (AdamW moments) = 10 bytes, plus the gradient (2 bytes,
-transient; float32 accumulators when accumulating over micro-batches).
+transient; float32 accumulators, 4 bytes, when accumulating over micro-batches).
 """
 
 from __future__ import annotations
@@ -40,13 +40,9 @@ def make_optimizer(*, lr: float, warmup: int, steps: int, weight_decay: float, c
                        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)), schedule
 
 
-def _f32(tree):
-    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
 def init_opt_state(tx: optax.GradientTransformation, params: nnx.State):
     """Optimizer state in float32, whatever the parameters' dtype."""
-    return tx.init(_f32(params))
+    return tx.init(jax.tree.map(lambda x: x.astype(jnp.float32), params))
 
 
 def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: int = LOSS_CHUNK):
@@ -98,12 +94,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
             (l, n), g = grad_fn(params, micro)
             return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), l_acc + l, n_acc + n), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (g_sum, l_sum, n_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        if jax.tree.leaves(batch)[0].shape[0] == 1:  # one micro-batch: no float32 accumulators
+            (l_sum, n_sum), g_sum = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (g_sum, l_sum, n_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
         denom = jnp.maximum(n_sum, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, g_sum)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, _f32(params))
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), g_sum)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        # The moments are float32, so the updates come out float32 (weight decay promotes the weights).
+        updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), params, updates)
         metrics = {"loss": l_sum / denom, "grad_norm": grad_norm, "lr": schedule(step), "tokens": n_sum}
         return params, opt_state, metrics

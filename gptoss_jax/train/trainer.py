@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from gptoss_jax.checkpoint import load_model
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import Transformer, init_model
+from gptoss_jax.sharding import logical_sharding, mesh_of
 from gptoss_jax.train.config import RESUMABLE_FIELDS, FinetuneConfig, RunError
 from gptoss_jax.train.data import RowStream, Rows, batches, pack, read_jsonl
 from gptoss_jax.train.step import decay_mask, init_opt_state, make_eval_step, make_optimizer, make_train_step
@@ -96,18 +97,31 @@ class Run:
         self.manager.close()
 
 
-def _device_batch(rows: Rows) -> dict:
-    return {f.name: jnp.asarray(getattr(rows, f.name)) for f in dataclasses.fields(Rows)}
+def _device_batch(rows: Rows, mesh=None) -> dict:
+    """This process's rows [..., B_local, L] as arrays; with a mesh, one global array per field whose batch
+    dimension is sharded as the table says (each process supplies its share of the rows)."""
+    arrays = {f.name: getattr(rows, f.name) for f in dataclasses.fields(Rows)}
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+    out = {}
+    for k, v in arrays.items():
+        shape = (*v.shape[:-2], v.shape[-2] * jax.process_count(), v.shape[-1])
+        axes = (None,) * (v.ndim - 2) + ("batch", "sequence")
+        out[k] = jax.make_array_from_process_local_data(logical_sharding(axes, shape, mesh), v, shape)
+    return out
 
 
-def evaluate(eval_step, params, rows: Rows, batch_size: int) -> float:
+def evaluate(eval_step, params, rows: Rows, batch_size: int, mesh=None) -> float:
+    """Mean loss over every trained token of `rows`, in batches (each process evaluates its share of each)."""
     total = count = 0.0
+    share = batch_size // jax.process_count()
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
         if len(part) < batch_size:  # keep one compiled shape: pad with weightless rows
             part = Rows.concat([part, Rows(*(np.zeros((batch_size - len(part), *x.shape[1:]), x.dtype)
                                              for x in (getattr(part, f.name) for f in dataclasses.fields(Rows))))])
-        s, n = eval_step(params, _device_batch(part))
+        part = part[jax.process_index() * share : (jax.process_index() + 1) * share]
+        s, n = eval_step(params, _device_batch(part, mesh))
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -131,6 +145,7 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
         eval_rows = pack(eval_examples, cfg.seq_len)
     if model is None:
         model = trainable_model(cfg.checkpoint, dtype, mesh)
+    mesh = mesh or mesh_of(model)
     model_cfg: ModelConfig = model.config
     (run.dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
 
@@ -162,7 +177,7 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
         while step < cfg.steps:
             rows, position = next(data)
             t0 = time.perf_counter()
-            params, opt_state, out = train_step(params, opt_state, step, _device_batch(rows))
+            params, opt_state, out = train_step(params, opt_state, step, _device_batch(rows, mesh))
             out = {k: float(v) for k, v in jax.device_get(out).items()}
             dt = time.perf_counter() - t0
             if not math.isfinite(out["loss"]) or not math.isfinite(out["grad_norm"]):
@@ -173,9 +188,9 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
             tokens_seen += int(out["tokens"])
             metrics = {"step": step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                        "tokens": int(out["tokens"]), "tokens_seen": tokens_seen,
-                       "tokens_per_s": rows.inputs.size / dt, "epoch": position[0]}
+                       "tokens_per_s": rows.inputs.size * jax.process_count() / dt, "epoch": position[0]}
             if eval_step is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics["eval_loss"] = evaluate(eval_step, params, eval_rows, cfg.batch_size)
+                metrics["eval_loss"] = evaluate(eval_step, params, eval_rows, cfg.batch_size, mesh)
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if writer is not None:
