@@ -13,7 +13,9 @@ import gptoss_jax as gj
 from gptoss_jax.train.data import Example, pack
 from gptoss_jax.train.step import (decay_mask, init_opt_state, make_optimizer, make_train_step, token_losses)
 
-# The tiny architecture with a small vocabulary (token ids here are arbitrary, not Harmony).
+# The tiny architecture with a small vocabulary (token ids here are arbitrary, not Harmony). Batches hold >= 40
+# tokens: the expert matmul then takes its prefill/training form (up to 64 routed rows take the decode form, whose
+# gradient takes XLA:CPU ~5x longer to compile).
 CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, sliding_window=8)
 
 
@@ -78,7 +80,7 @@ PROBES = [("blocks", "attn", "sinks"), ("blocks", "attn", "qkv_w"), ("blocks", "
 @pytest.fixture(scope="module")
 def grad_case(model):
     """A packed batch and its gradient function (per remat policy) and no-remat gradients."""
-    _, rows = _rows([17, 12], 30, seed=3)
+    _, rows = _rows([17, 12], ROW, seed=3)
     batch = _batch(rows)
     graphdef, params = nnx.split(model)
 
@@ -118,10 +120,12 @@ def test_gradients_match_finite_differences(model, grad_case):
 
 def test_accumulation_equals_one_big_batch(model):
     """Two micro-batches of one row step exactly like one batch of two rows."""
-    _, rows = _rows([15, 15, 12, 14], 16, seed=5)
+    _, rows = _rows([30, 35, 12, 14], ROW, seed=5)
     rows = rows[:2]
     graphdef, params = nnx.split(model)
-    tx, schedule = make_optimizer(lr=1e-3, warmup=0, steps=10, weight_decay=0.1, clip_norm=1.0,
+    # Adam's first update is ~lr * g / (|g| + eps): for gradients near eps, rounding-level differences move a
+    # weight by a fraction of lr, so the weights are compared to 0.1 lr.
+    tx, schedule = make_optimizer(lr=1e-4, warmup=0, steps=10, weight_decay=0.1, clip_norm=1.0,
                                   mask=decay_mask(params))
     step = make_train_step(graphdef, tx, schedule, donate=False)
     opt = init_opt_state(tx, params)
@@ -131,7 +135,7 @@ def test_accumulation_equals_one_big_batch(model):
     np.testing.assert_allclose(float(one[2]["loss"]), float(two[2]["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(one[2]["grad_norm"]), float(two[2]["grad_norm"]), rtol=1e-5)
     for a, c in zip(jax.tree.leaves(one[0]), jax.tree.leaves(two[0])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-5)
     changed = [not np.array_equal(np.asarray(a), np.asarray(p)) for a, p in zip(jax.tree.leaves(one[0]),
                                                                                 jax.tree.leaves(params))]
     assert all(changed), "every parameter (sinks, router, experts, ...) is trained"
