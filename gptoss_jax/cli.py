@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune_cli.add_parser(sub)
 
+    from gptoss_jax.server.cli import add_parsers as add_server_parsers
+
+    add_server_parsers(sub)  # serve, batch
+
     # `bench` has its own parser (gptoss_jax.bench); main() hands it the arguments unparsed.
     sub.add_parser("bench", help="generation speed against transformers and the roofline (bench --help)",
                    add_help=False)
