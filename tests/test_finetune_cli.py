@@ -57,12 +57,13 @@ def _metrics(out: Path) -> list[dict]:
 def uninterrupted(setup):
     root, env = setup
     out = root / "run-a"
-    subprocess.run(_cmd(root, out), env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(_cmd(root, out, "--tensorboard"), env=env, check=True, capture_output=True, timeout=600)
     return _metrics(out)
 
 
-def test_loss_falls_and_metrics_are_logged(uninterrupted):
+def test_loss_falls_and_metrics_are_logged(setup, uninterrupted):
     m = uninterrupted
+    assert list((setup[0] / "run-a" / "tensorboard").glob("events.out.tfevents.*"))
     assert [x["step"] for x in m] == list(range(1, STEPS + 1))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"):
         assert all(key in x for x in m), key
