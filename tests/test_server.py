@@ -348,3 +348,20 @@ def test_chunked_prefill_engine_equals_generate():
             r.done.wait()
     for p, k, r in zip(prompts, kw, reqs):
         assert r.tokens == gj.generate(model, p, max_new_tokens=12, **k)
+
+
+def test_decode_buckets_give_the_same_tokens(engine):
+    """An engine that decodes only its busy slots (rounded up to a power of two) samples what the all-slots
+    engine samples: one request alone (1 row), then two at once (2 rows) and a third queued into a freed slot."""
+    from gptoss_jax.server.engine import Engine
+
+    prompts = [[200006, 1428, 200008, 3 + i, 17, 200007, 200006, 173781] for i in range(3)]
+    with Engine(engine.model, max_batch=2, max_seq_len=CONTEXT, prefill_chunk=1, model_name=MODEL_NAME) as eng:
+        alone = eng.generate(GenRequest(prompts[0], 5, temperature=1.0, seed=7), timeout=120)
+        reqs = [eng.submit(GenRequest(p, 5 + i, temperature=1.0, seed=i)) for i, p in enumerate(prompts)]
+        for r in reqs:
+            assert r.done.wait(120)
+        assert eng.max_active_seen == 2
+    assert alone.tokens == engine.generate(GenRequest(prompts[0], 5, temperature=1.0, seed=7)).tokens
+    for i, r in enumerate(reqs):
+        assert r.tokens == engine.generate(GenRequest(prompts[i], 5 + i, temperature=1.0, seed=i)).tokens

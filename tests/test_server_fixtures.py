@@ -24,8 +24,9 @@ def engine():
     model = gj.init_model(gj.ModelConfig.tiny(), seed=0, dtype=jnp.float32)
     # prefill_chunk=1: prompts go through the shared decode step, one compiled function for everything (a
     # multi-token prefill chunk takes XLA:CPU ~30 s to compile even for the tiny model).
+    # decode_buckets=False: every step runs all 8 slots, one compiled step (test_decode_buckets covers the sizes).
     eng = Engine(model, max_batch=MAX_BATCH, max_seq_len=CONTEXT, max_queue=16, prefill_chunk=1,
-                 model_name=MODEL_NAME).start()
+                 model_name=MODEL_NAME, decode_buckets=False).start()
     yield eng
     eng.stop()
 

@@ -180,17 +180,22 @@ def engine_steps(graphdef):
     @functools.partial(jax.jit, donate_argnums=1)
     def decode_step(state, cache, tokens_B, active_B, reset_B, emit_B, seed_B, temperature_B, top_p_B, mask_BV):
         """Feed one token per active slot (a `reset` slot starts again from length 0); return the cache and
-        every slot's next token. A step where no row `emit`s (token-by-token prefill only) skips the unembedding
-        and the sampling."""
+        every slot's next token. The inputs may cover only the first B slots of the cache (the others are left
+        alone: fewer rows, a cheaper step). A step where no row `emit`s (token-by-token prefill only) skips the
+        unembedding and the sampling."""
         model = nnx.merge(graphdef, state)
-        cache = dataclasses.replace(cache, lengths=jnp.where(reset_B, 0, cache.lengths))
-        h_B1D, cache = model.extend(tokens_B[:, None], cache, active_B.astype(jnp.int32))
+        B = tokens_B.shape[0]
+        sub = jax.tree_util.tree_map(lambda a: a[:B] if a.ndim == 1 else a[:, :B], cache)
+        sub = dataclasses.replace(sub, lengths=jnp.where(reset_B, 0, sub.lengths))
+        h_B1D, sub = model.extend(tokens_B[:, None], sub, active_B.astype(jnp.int32))
 
         def next_tokens(h_BD):
-            return sample_rows(model.logits(h_BD), seed_B, cache.lengths, temperature_B, top_p_B, mask_BV)
+            return sample_rows(model.logits(h_BD), seed_B, sub.lengths, temperature_B, top_p_B, mask_BV)
 
         tokens = jax.lax.cond(jnp.any(emit_B), next_tokens, lambda h: jnp.zeros(h.shape[0], jnp.int32),
                               h_B1D[:, 0])
+        cache = jax.tree_util.tree_map(lambda a, s: a.at[:B].set(s) if a.ndim == 1 else a.at[:, :B].set(s),
+                                       cache, sub)
         return cache, tokens
 
     return prefill_rows, first_token, decode_step
@@ -202,12 +207,14 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 8, max_seq_len: int = 4096, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK, model_name: str = "gpt-oss"):
+                 prefill_chunk: int = PREFILL_CHUNK, model_name: str = "gpt-oss", decode_buckets: bool = True):
         """`prefill_chunk`: the longest prefill chunk (prompts are prefilled in chunks of a power of two up to
         it, the new requests of an iteration together). `prefill_chunk=1` feeds prompts token by token through
         the shared decode step instead, alongside the decoding slots: one compiled function in all (XLA:CPU
         compiles a multi-token chunk of even the tiny model for tens of seconds; the tests use this mode), but
-        one step per prompt token."""
+        one step per prompt token. `decode_buckets`: a decode step runs only the slots up to the highest busy one,
+        rounded up to a power of two (new requests take the lowest free slot), so a lone request does not pay for
+        every slot; one compiled step per size. False: every step runs all slots (one compilation)."""
         cfg = model.config
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -223,6 +230,7 @@ class Engine:
         self.model_name = model_name
         self.max_batch, self.max_seq_len, self.max_queue = max_batch, max_seq_len, max_queue
         self.prefill_chunk = prefill_chunk
+        self.decode_buckets = decode_buckets
         self.vocab_size = cfg.vocab_size
         self._graphdef, self._state = nnx.split(model)
         self._prefill, self._first, self._decode = engine_steps(self._graphdef)
@@ -443,9 +451,13 @@ class Engine:
     def _step(self) -> None:
         with self._cond:
             reqs = list(self._slots)
+        if self.decode_buckets:  # only the slots up to the highest busy one, rounded up to a power of two
+            busy = max(b for b, r in enumerate(reqs) if r is not None) + 1
+            reqs = reqs[: min(self.max_batch, _bucket(busy, 1))]
+        R = len(reqs)
         active = np.array([r is not None for r in reqs])
         self.max_active_seen = max(self.max_active_seen, int(active.sum()))
-        inputs, reset = self._next.copy(), np.zeros(self.max_batch, bool)
+        inputs, reset = self._next[:R].copy(), np.zeros(R, bool)
         emits = [r is not None for r in reqs]
         for b, r in enumerate(reqs):
             if r is not None and r.fed < len(r.prompt):  # token-by-token prefill
@@ -454,11 +466,11 @@ class Engine:
                 emits[b] = r.fed == len(r.prompt)  # the last prompt token's sample is the first new token
         mask = self._mask([r if e else None for r, e in zip(reqs, emits)])
         # Rows whose sample is discarded (mid-prompt) decode greedily: a step of only those draws nothing.
-        temp = np.where(emits, self._temp, 0).astype(np.float32)
+        temp = np.where(emits, self._temp[:R], 0).astype(np.float32)
         self._cache, tokens = self._decode(self._state, self._cache, jnp.asarray(inputs), jnp.asarray(active),
                                            jnp.asarray(reset), jnp.asarray(np.asarray(emits)),
-                                           jnp.asarray(self._seed), jnp.asarray(temp), jnp.asarray(self._top_p),
-                                           mask)
+                                           jnp.asarray(self._seed[:R]), jnp.asarray(temp),
+                                           jnp.asarray(self._top_p[:R]), mask)
         tokens = np.asarray(tokens)
         self.steps += 1
         for b, r in enumerate(reqs):
