@@ -250,15 +250,11 @@ def _markdown(results: dict) -> str:
         lines.append(f"| {label} | {c} | {r['requests_per_s']:.2f} | {r['ttft_mean_s'] * 1000:.0f} | "
                      f"{r['ttft_p50_s'] * 1000:.0f} | {r['tokens_per_s_per_stream']:.1f} | "
                      f"{r['tokens_per_s_total']:.1f} |")
-    lines += ["", "Reading it: the engine's decode step always runs all of its slots (fixed shapes, one compiled "
-              "step), so a lone stream pays for 16 rows (on the tiny model a 16-slot step took 15 ms "
-              "without logits and 54 ms with the 201,088-token logits and sampling); the total throughput "
-              "grows with concurrency while transformers, one request at a time, stays flat, but per stream "
-              "the engine is well behind it here. At concurrency 16, TTFT includes waiting for the whole "
-              "group's prefill (and possibly a prefill shape the warm-up did not compile). Server vs engine is "
-              "the HTTP + SSE + Harmony-parsing overhead, below the noise of this shared machine (the load "
-              "changed during the run: server faster than engine at concurrency 1 is noise). On CPU, set "
-              "--max-batch near the expected concurrency."]
+    lines += ["", "How to read it: the engine decodes only its busy slots, rounded up to a power of two, so a lone "
+              "stream runs one row; at concurrency 16 the TTFT includes waiting for the whole group's prefill. "
+              "Server vs engine is the HTTP + SSE + Harmony-parsing overhead. On a shared machine the load changes "
+              f"during a run (load average at the end: {[round(x, 2) for x in os.getloadavg()]}): compare rows "
+              "only within one quiet run."]
     return "\n".join(lines) + "\n"
 
 
