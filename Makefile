@@ -49,5 +49,13 @@ parity: $(VENV)/.installed-reference
 golden: $(VENV)/.installed-reference
 	$(BIN)/python tests/make_golden.py
 
+# Every benchmark and the evaluations, one report: experiments/results/REPORT.md (minutes to hours on a CPU).
+# BENCH_ARGS="--quick" for a smoke run (experiments/results/quick), "--only evals", "--no-transformers";
+# CHECKPOINT=DIR evaluates that model (default: a random tiny checkpoint).
+.PHONY: bench
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	nice -n 19 $(BIN)/python experiments/bench_all.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) demo-checkpoint .pytest_cache

@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_parsers(sub)  # serve, batch
 
+    from gptoss_jax.evals.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)  # eval perplexity, eval tasks
+
     # `bench` has its own parser (gptoss_jax.bench); main() hands it the arguments unparsed.
     sub.add_parser("bench", help="generation speed against transformers and the roofline (bench --help)",
                    add_help=False)
