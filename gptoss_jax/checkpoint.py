@@ -59,6 +59,10 @@ class Rule:
     per_layer: bool = True
     join: Callable[[list[np.ndarray]], np.ndarray] = lambda xs: xs[0]
     split: Callable[[np.ndarray], list[np.ndarray]] = lambda x: [x]
+    # How a part of our array maps to parts of the file's (`_read_region`, for sharded loading): "same" (the
+    # file's tensor as is), "packed" (`_packed_rule`), "concat0" (the names concatenated along axis 0),
+    # "swap_last" (the file's last two axes swapped).
+    slicing: Literal["same", "packed", "concat0", "swap_last"] = "same"
 
 
 def _swap_last(x: np.ndarray) -> np.ndarray:
@@ -68,7 +72,7 @@ def _swap_last(x: np.ndarray) -> np.ndarray:
 def _packed_rule(path, name: str, shapes) -> Rule:
     """MXFP4 codes: the file's [..., rows, cols/32, 16] held as [..., rows, cols/2] (same bytes, a free view)."""
     return Rule(path, (name,), shapes, "uint8", join=lambda xs: xs[0].reshape(*xs[0].shape[:-2], -1),
-                split=lambda x: [x.reshape(*x.shape[:-1], -1, 16)])
+                split=lambda x: [x.reshape(*x.shape[:-1], -1, 16)], slicing="packed")
 
 
 def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense"]) -> list[Rule]:
@@ -109,9 +113,11 @@ def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense
         Rule(("norm", "scale"), ("model.norm.weight",), ((D,),), per_layer=False),
         Rule(("blocks", "attn", "norm", "scale"), ("model.layers.{i}.input_layernorm.weight",), ((D,),)),
         Rule(("blocks", "attn", "qkv_w"), tuple(a + f"{p}_proj.weight" for p in "qkv"),
-             tuple((s, D) for s in qkv_sizes), join=np.concatenate, split=lambda x: np.split(x, cuts)),
+             tuple((s, D) for s in qkv_sizes), join=np.concatenate, split=lambda x: np.split(x, cuts),
+             slicing="concat0"),
         Rule(("blocks", "attn", "qkv_b"), tuple(a + f"{p}_proj.bias" for p in "qkv"),
-             tuple((s,) for s in qkv_sizes), join=np.concatenate, split=lambda x: np.split(x, cuts)),
+             tuple((s,) for s in qkv_sizes), join=np.concatenate, split=lambda x: np.split(x, cuts),
+             slicing="concat0"),
         Rule(("blocks", "attn", "out_w"), (a + "o_proj.weight",), ((D, N * H),)),
         Rule(("blocks", "attn", "out_b"), (a + "o_proj.bias",), ((D,),)),
         Rule(("blocks", "attn", "sinks"), (a + "sinks",), ((N,),)),
@@ -131,9 +137,9 @@ def tensor_rules(cfg: ModelConfig, fmt: Format, experts: Literal["mxfp4", "dense
     else:  # dense HF experts are stored (E, in, out): transposed relative to ours
         rules += [
             Rule(("blocks", "mlp", "mlp1", "weight"), (m + "experts.gate_up_proj",), ((E, D, 2 * F),),
-                 join=lambda xs: _swap_last(xs[0]), split=lambda x: [_swap_last(x)]),
+                 join=lambda xs: _swap_last(xs[0]), split=lambda x: [_swap_last(x)], slicing="swap_last"),
             Rule(("blocks", "mlp", "mlp2", "weight"), (m + "experts.down_proj",), ((E, F, D),),
-                 join=lambda xs: _swap_last(xs[0]), split=lambda x: [_swap_last(x)]),
+                 join=lambda xs: _swap_last(xs[0]), split=lambda x: [_swap_last(x)], slicing="swap_last"),
         ]
     return rules
 
@@ -297,17 +303,39 @@ class _Reader(contextlib.ExitStack):
         super().__enter__()
         return self
 
-    def __call__(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         file = self._layout.tensor_files[name]
         if file not in self._handles:
             self._handles[file] = self.enter_context(_open(file))
+        return file, self._handles[file]
+
+    def __call__(self, name: str) -> np.ndarray:
+        file, handle = self._handle(name)
         try:
-            x = self._handles[file].get_tensor(name)
+            x = handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from None
         if self._bar is not None:
             self._bar.update(x.nbytes)
         return x
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only `tensor[index]` (a tuple of slices) of the file's tensor: the bytes this process's devices need."""
+        file, handle = self._handle(name)
+        try:
+            return handle.get_slice(name)[index]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from None
+
+    def tensor_bytes(self, name: str) -> int:
+        _, handle = self._handle(name)
+        sl = handle.get_slice(name)
+        return math.prod(sl.get_shape()) * {"U8": 1, "BF16": 2, "F16": 2, "F32": 4}.get(sl.get_dtype(), 1)
+
+    def done(self, names) -> None:
+        """Advance the progress bar by these whole tensors (a sharded load reads only parts of them)."""
+        if self._bar is not None:
+            self._bar.update(sum(self.tensor_bytes(n) for n in names))
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
@@ -316,8 +344,9 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
 
     experts: "auto" keeps them as stored (MXFP4 packed, or dense for a bf16 HF checkpoint); "dense" decodes MXFP4
     to `dtype` (for fine-tuning); "mxfp4" encodes dense experts (lossy unless they are representable).
-    mesh (`gj.make_mesh`): every parameter is placed sharded as `gptoss_jax.sharding` says, a layer at a time
-    (this process reads each layer's tensors whole, one at a time; it never holds the whole model).
+    mesh (`gj.make_mesh`): every parameter is placed sharded as `gptoss_jax.sharding` says, a layer at a time,
+    and each process reads from the files only the slices its own devices hold (safetensors slicing), so no host
+    ever holds the whole model, nor, in a multi-host job, even one whole layer of a sharded tensor.
     """
     layout = find_layout(path)
     cfg = layout.config
@@ -331,7 +360,8 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
     total = _expected_bytes(stored_rules, cfg)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {layout.folder.name}",
               disable=not progress) as bar, _Reader(layout, bar) as read:
-        for path_, value in _assemble(stored_rules, cfg, read, target, dtype, placement.get):
+        assemble = _assemble if mesh is None else _assemble_sharded
+        for path_, value in assemble(stored_rules, cfg, read, target, dtype, placement.get):
             leaves[path_].set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -413,6 +443,130 @@ def _zeros(shape, dtype, sharding) -> jax.Array:
     if sharding is None:
         return jnp.zeros(shape, dtype)
     return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+
+
+# ---- sharded loading: each process reads only its devices' slices ------------------------------------------------
+def _bounds(index, shape) -> tuple[slice, ...]:
+    """`index` (from `jax.make_array_from_callback`) with every slice's start and stop made explicit."""
+    return tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, shape))
+
+
+def _read_region(rule: Rule, read: _Reader, i: int | None, index: tuple[slice, ...]) -> np.ndarray:
+    """`rule.join(layer i's tensors)[index]` (explicit slices), reading only that part of the file(s)."""
+    names = [n.format(i=i) for n in rule.names]
+    if rule.slicing == "same":
+        return read.read_slice(names[0], index)
+    if rule.slicing == "swap_last":
+        return _swap_last(read.read_slice(names[0], (*index[:-2], index[-1], index[-2])))
+    if rule.slicing == "concat0":
+        rows, parts, offset = index[0], [], 0
+        for name, shape in zip(names, rule.shapes):
+            lo, hi = max(rows.start, offset), min(rows.stop, offset + shape[0])
+            if lo < hi:
+                parts.append(read.read_slice(name, (slice(lo - offset, hi - offset), *index[1:])))
+            offset += shape[0]
+        return np.concatenate(parts)
+    if rule.slicing == "packed":  # ours [..., rows, cols/2] is the file's [..., rows, cols/32, 16]
+        cols = index[-1]
+        g0, g1 = cols.start // 16, -(-cols.stop // 16)
+        x = read.read_slice(names[0], (*index[:-1], slice(g0, g1), slice(None)))
+        return x.reshape(*x.shape[:-2], -1)[..., cols.start - 16 * g0: cols.stop - 16 * g0]
+    raise AssertionError(rule.slicing)
+
+
+def _layer_array(shape, sharding, region, dtype) -> jax.Array:
+    """A global array of `shape` placed with `sharding`, each of this process's devices filled from
+    `region(explicit index)`; devices that hold the same part share one read."""
+    cache: dict = {}
+
+    def fill(index):
+        key = tuple((s.start, s.stop) for s in _bounds(index, shape))
+        if key not in cache:
+            cache[key] = np.asarray(region(_bounds(index, shape))).astype(dtype, copy=False)
+        return cache[key]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, fill)
+
+
+def _drop_layer_axis(sharding):
+    """The sharding of one layer of a stacked parameter (the layer axis is never split)."""
+    spec = tuple(sharding.spec)
+    assert not spec or spec[0] is None, spec
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+
+
+def _stack_sharded(cfg: ModelConfig, rule_names, per_layer: bool, shape, region, dtype, sharding, read) -> jax.Array:
+    """A parameter of our `shape` (with the layer axis when `per_layer`) built layer by layer from `region(i,
+    index)` reads, placed with `sharding`."""
+    dtype = jnp.dtype(dtype)
+    if not per_layer:
+        x = _layer_array(shape, sharding, lambda idx: region(None, idx), dtype)
+        read.done([n.format(i=None) for n in rule_names])
+        return x
+    buf = _zeros(tuple(shape), dtype, sharding)
+    layer_sharding = _drop_layer_axis(sharding)
+    for i in range(cfg.num_hidden_layers):
+        x = _layer_array(shape[1:], layer_sharding, functools.partial(region, i), dtype)
+        buf = _set_layer(buf, x, i)
+        read.done([n.format(i=i) for n in rule_names])
+    return buf
+
+
+def _assemble_sharded(rules: list[Rule], cfg: ModelConfig, read: _Reader, target: str, dtype, place):
+    """`_assemble` for a mesh: (our flat path, global array) for every parameter, each process reading only the
+    parts of each tensor that its own devices hold."""
+    by_path = {r.path: r for r in rules}
+    D, F, E, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_hidden_layers
+    lead = lambda r: (L,) if r.per_layer else ()  # noqa: E731
+    for r in rules:
+        if r.path[-1] in ("blocks", "scales", "weight"):
+            continue  # experts are assembled below, possibly converted
+        shape = (*lead(r), *(r.shapes[0] if r.slicing != "concat0" else
+                             (sum(s[0] for s in r.shapes), *r.shapes[0][1:])))
+        region = lambda i, idx, r=r: _read_region(r, read, i, idx)  # noqa: E731
+        yield r.path, _stack_sharded(cfg, r.names, r.per_layer, shape, region,
+                                     jnp.uint8 if r.kind == "uint8" else dtype, place(r.path), read)
+    for which, out, inp in (("mlp1", 2 * F, D), ("mlp2", D, F)):
+        base = ("blocks", "mlp", which)
+        if base + ("weight",) in by_path:  # dense in the checkpoint
+            r = by_path[base + ("weight",)]
+            dense = lambda i, idx, r=r: _read_region(r, read, i, idx)  # noqa: E731
+            if target == "dense":
+                yield base + ("weight",), _stack_sharded(cfg, r.names, True, (L, E, out, inp), dense, dtype,
+                                                         place(base + ("weight",)), read)
+                continue
+            # encode whole 32-element groups of the dense rows, keep the slice asked for
+            def blocks(i, idx, dense=dense):
+                c = idx[-1]
+                g0, g1 = c.start // 16, -(-c.stop // 16)
+                codes = mxfp4.encode(np.asarray(dense(i, (*idx[:-1], slice(32 * g0, 32 * g1))), np.float32))
+                return codes.blocks[..., c.start - 16 * g0: c.stop - 16 * g0]
+
+            def scales(i, idx, dense=dense):
+                c = idx[-1]
+                return mxfp4.encode(np.asarray(dense(i, (*idx[:-1], slice(32 * c.start, 32 * c.stop))),
+                                               np.float32)).scales
+            names = r.names
+            yield base + ("blocks",), _stack_sharded(cfg, (), True, (L, E, out, inp // 2), blocks, jnp.uint8,
+                                                     place(base + ("blocks",)), read)
+            yield base + ("scales",), _stack_sharded(cfg, names, True, (L, E, out, inp // 32), scales, jnp.uint8,
+                                                     place(base + ("scales",)), read)
+            continue
+        rb, rs = by_path[base + ("blocks",)], by_path[base + ("scales",)]
+        if target == "dense":
+            def decode(i, idx, rb=rb, rs=rs):
+                c = idx[-1]  # decode whole 32-element groups, keep the slice asked for
+                g0, g1 = c.start // 32, -(-c.stop // 32)
+                codes = _read_region(rb, read, i, (*idx[:-1], slice(16 * g0, 16 * g1)))
+                scale = _read_region(rs, read, i, (*idx[:-1], slice(g0, g1)))
+                return mxfp4.decode_np(codes, scale)[..., c.start - 32 * g0: c.stop - 32 * g0]
+            yield base + ("weight",), _stack_sharded(cfg, rb.names + rs.names, True, (L, E, out, inp), decode,
+                                                     dtype, place(base + ("weight",)), read)
+        else:
+            for r, width in ((rb, inp // 2), (rs, inp // 32)):
+                region = lambda i, idx, r=r: _read_region(r, read, i, idx)  # noqa: E731
+                yield r.path, _stack_sharded(cfg, r.names, True, (L, E, out, width), region, jnp.uint8,
+                                             place(r.path), read)
 
 
 # ---- converting -------------------------------------------------------------------------------------------------

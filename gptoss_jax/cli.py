@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import sys
 
+from gptoss_jax import plan
+from gptoss_jax.distributed import add_distributed_args
 from gptoss_jax.train import cli as finetune_cli
 
 DTYPES = ("bfloat16", "float32")
@@ -72,6 +74,7 @@ def cmd_next_token(args) -> None:
     import numpy as np
 
     from gptoss_jax.checkpoint import load_model
+    from gptoss_jax.distributed import mesh_from_args, to_host
     from gptoss_jax.tokenizer import harmony_encoding
 
     if args.top_k < 1:
@@ -80,10 +83,10 @@ def cmd_next_token(args) -> None:
     tokens = enc.encode(args.prompt, allowed_special=set())
     if not tokens:
         raise ValueError("--prompt is empty")
-    model = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    model = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
     logits = model(np.asarray([tokens]))[0, -1]
-    probs = jax.nn.softmax(logits)
-    top = np.argsort(-np.asarray(probs))[: args.top_k]
+    probs = to_host(jax.nn.softmax(logits))
+    top = np.argsort(-probs)[: args.top_k]
     print(f"prompt: {args.prompt!r} ({len(tokens)} tokens)")
     print(f"{'rank':>4}  {'token id':>8}  {'probability':>11}  text")
     for rank, t in enumerate(top, 1):
@@ -94,8 +97,9 @@ def _load(args):
     import jax.numpy as jnp
 
     from gptoss_jax.checkpoint import load_model
+    from gptoss_jax.distributed import mesh_from_args
 
-    return load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    return load_model(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
 
 
 def _sampling_kwargs(args) -> dict:
@@ -260,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--top-k", type=int, default=5, help="how many tokens to show (default: 5)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
+    add_distributed_args(p, mesh=True)
     p.set_defaults(func=cmd_next_token)
 
     p = sub.add_parser("generate", help="generate a reply (Harmony chat) or a raw-text continuation",
@@ -271,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     _add_sampling(p)
+    add_distributed_args(p, mesh=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
@@ -287,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     from gptoss_jax.server.cli import add_parsers as add_server_parsers
 
     add_server_parsers(sub)  # serve, batch
+
+    plan.add_parser(sub)  # gptoss-jax plan
 
     from gptoss_jax.evals.cli import add_parser as add_eval_parser
 
@@ -306,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "distributed"):  # commands with the multi-host flags: join the job first
+            from gptoss_jax.distributed import setup
+
+            setup(args)
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
         # Bad input (checkpoint, config, arguments) is reported without a traceback.

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import kvcache, ops
+from gptoss_jax import expert_parallel, kvcache, ops
 from gptoss_jax.config import MXFP4_BLOCK, REMAT_MODES, ModelConfig
 from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.rope import apply_rope, rope_cos_sin
-from gptoss_jax.sharding import variable_shardings
+from gptoss_jax.sharding import RESIDUAL, constrain, mesh_of_array, variable_shardings
 from gptoss_kernels.moe import swiglu  # noqa: F401  (the activation, re-exported for tests and notebooks)
 
 ExpertFormat = Literal["mxfp4", "dense"]
@@ -131,12 +131,20 @@ class MoE(nnx.Module):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         k = cfg.experts_per_token
+        mesh = mesh_of_array(self.mlp1_b[...])  # None on one device
+        x_BTD = constrain(x_BTD, RESIDUAL, mesh)  # the residual stream at the block boundary, as the table says
         t_TD = self.norm(x_BTD).reshape(B * T, D)
         # Router in float32: top-k of the raw logits, then softmax over those k only.
         logits_TE = ops.linear(t_TD.astype(jnp.float32), self.gate_w[...].astype(jnp.float32),
                                self.gate_b[...].astype(jnp.float32))
         top_TK, expert_TK = jax.lax.top_k(logits_TE, k)
         weight_TK = jax.nn.softmax(top_TK, axis=-1)
+        if expert_parallel.expert_mesh(cfg.num_experts, self.mlp1_b[...]) is not None:  # experts over devices
+            y_BTD = expert_parallel.moe(
+                t_TD.reshape(B, T, D), expert_TK.reshape(B, T, k), weight_TK.reshape(B, T, k), self.mlp1.weights(),
+                self.mlp1_b[...], self.mlp2.weights(), self.mlp2_b[...], mesh=mesh, alpha=cfg.swiglu_alpha,
+                limit=cfg.swiglu_limit, kernels=cfg.kernels, dtype=x_BTD.dtype)
+            return constrain(x_BTD + y_BTD.astype(x_BTD.dtype), RESIDUAL, mesh)
         # Sort the (token, expert) pairs by expert so each expert's rows are contiguous.
         expert_M = expert_TK.reshape(-1)
         order_M = jnp.argsort(expert_M, stable=True)
@@ -148,7 +156,7 @@ class MoE(nnx.Module):
                                   kernels=cfg.kernels)
         y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(B * T, k, D)
         y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK)
-        return x_BTD + y_TD.reshape(B, T, D).astype(x_BTD.dtype)
+        return constrain(x_BTD + y_TD.reshape(B, T, D).astype(x_BTD.dtype), RESIDUAL, mesh)
 
 
 class Block(nnx.Module):

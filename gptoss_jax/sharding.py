@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 from flax import nnx
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -32,6 +32,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "expert_mlp": ("tensor",),
     # activations and the KV cache
     "sequence": (),
+    "act_embed": (),  # an activation's hidden dimension stays whole (parameters' "embed" goes over fsdp)
     "kv_heads": ("tensor",),
     "head_dim": (),
 }
@@ -40,7 +41,14 @@ RULES: dict[str, tuple[str, ...]] = {
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes ("data", "fsdp", "tensor", "expert") over `devices` (default: every device of the job,
-    all processes of a multi-host job included). The sizes must multiply to the number of devices."""
+    all processes of a multi-host job included, once `jax.distributed` is initialized). The sizes must multiply
+    to the number of devices.
+
+    Devices are laid out by `jax.make_mesh` (which follows the TPU / GPU topology, so the innermost axes get the
+    fastest links; on CPU it keeps `jax.devices()` order: process 0's devices first). Axes are "auto" (the
+    compiler propagates shardings), not explicit. Where jax.make_mesh cannot map the shape onto the topology
+    (e.g. several TPU slices), the devices are taken in order.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = (data, fsdp, tensor, expert)
     if any(not isinstance(s, int) or s < 1 for s in sizes):
@@ -49,7 +57,23 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
     if math.prod(sizes) != len(devices):
         raise ValueError(f"a mesh of data={data} x fsdp={fsdp} x tensor={tensor} x expert={expert} = "
                          f"{math.prod(sizes)} devices, but there are {len(devices)}")
-    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,fsdp=4" (the command line's --mesh) -> {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in sizes:
+            raise ValueError(f"--mesh: expected NAME=SIZE with NAME in {', '.join(MESH_AXES)}, got {item!r}")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh: {name} must be a positive integer, got {value!r}")
+        sizes[name] = int(value)
+    return sizes
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -81,6 +105,26 @@ def mesh_of(model: nnx.Module) -> Mesh | None:
 
 def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(axes, shape, mesh))
+
+
+RESIDUAL = ("batch", "sequence", "act_embed")  # the residual stream [B, T, D]
+
+
+def mesh_of_array(x) -> AbstractMesh | None:
+    """The (abstract) mesh a concrete or traced array is sharded over, when it is ours and has > 1 device. Inside
+    `jit` this is how a module finds its model's mesh: from any of its parameters' types."""
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.empty or mesh.size <= 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | AbstractMesh | None) -> jax.Array:
+    """`x` constrained to the table's sharding for its logical `axes` (an activation, e.g. the residual stream:
+    `RESIDUAL`) inside a jitted computation; unchanged without a mesh (one device)."""
+    if mesh is None or mesh.size <= 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_sharding(axes, x.shape, mesh))
 
 
 def variable_shardings(model: nnx.Module, mesh: Mesh) -> list[tuple[tuple, NamedSharding]]:
