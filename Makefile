@@ -38,8 +38,9 @@ else
 endif
 
 # The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed).
+# One worker per core, whole files per worker (module fixtures compile once); the slowest tests are listed.
 test: $(VENV)/.installed-test
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # The parity tier: live comparison against transformers and gpt_oss.torch; a missing reference fails.
 parity: $(VENV)/.installed-reference
