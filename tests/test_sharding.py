@@ -2,10 +2,11 @@
 
 For each mesh the issue names, the model initialised sharded has the values of the single-device one, its
 parameters are split as the logical-axis table says, the forward pass gives the same float32 logits and greedy
-generation the same tokens (the MoE expert-parallel wherever the mesh has expert > 1), and so does a gradient;
-a checkpoint loaded onto the mesh (each device's slices read from the files) holds exactly the values of the
-single-device load, sharded alike; `gptoss-jax plan`'s per-device figures equal the real shards' bytes.
-The gradient through the expert-parallel MoE is checked in the slow tier (its compile costs ~30 s).
+generation the same tokens (the MoE expert-parallel wherever the mesh has expert > 1); a checkpoint loaded onto
+the mesh (each device's slices read from the files) holds exactly the values of the single-device load, sharded
+alike; `gptoss-jax plan`'s per-device figures equal the real shards' bytes; and one fine-tuning step (a second
+subprocess) gives one device's loss, gradient norm and parameters. Gradients of every parameter of an MXFP4 model
+through the expert-parallel MoE are compared in the slow tier.
 """
 
 import os
