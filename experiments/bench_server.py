@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         base = f"http://127.0.0.1:{port}/v1"
         for c in levels:
             print(f"concurrency {c}: warm-up", flush=True)
-            bench_engine(engine, prompts[: max(c, 1)], 2, c)  # compiles this level's prefill shapes
+            for group in sorted({min(c, 1 << k) for k in range(c.bit_length())}):
+                bench_engine(engine, prompts[:group], 2, group)  # compiles the prefill and decode shapes up to c
             for name, fn in (("engine", lambda: bench_engine(engine, prompts, args.max_tokens, c)),
                              ("server", lambda: bench_server(base, "a", args.requests, args.max_tokens, c))):
                 r = fn()
