@@ -51,7 +51,7 @@ def cmd_convert(args) -> None:
     from pathlib import Path
 
     from gptoss_jax.checkpoint import convert_checkpoint, find_layout
-    from gptoss_jax.train.trainer import RUN_FILE
+    from gptoss_jax.train.config import RUN_FILE
 
     if (Path(args.checkpoint) / RUN_FILE).exists():  # a fine-tuning run: export its newest checkpoint
         from gptoss_jax.train.export import export_run

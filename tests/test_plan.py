@@ -7,7 +7,6 @@ documented rules (the real per-device bytes of sharded arrays are checked in tes
 import math
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from gptoss_jax.cli import main

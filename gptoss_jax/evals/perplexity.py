@@ -12,7 +12,6 @@ cross-entropy is taken with `gptoss_jax.train.step.token_losses` (the unembeddin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import harmony
+from gptoss_jax.jsonl import records
 from gptoss_jax.train.step import token_losses
 
 
@@ -48,15 +48,9 @@ def load_documents(path: str | os.PathLike) -> list[str]:
     if path.suffix != ".jsonl":
         return [path.read_text(encoding="utf-8")]
     docs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    for where, obj in records(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{path}:{i}: expected an object with a string \"text\" field")
+            raise ValueError(f"{where}: expected an object with a string \"text\" field")
         docs.append(obj["text"])
     return docs
 

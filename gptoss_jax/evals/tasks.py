@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_jax import harmony
+from gptoss_jax.jsonl import records
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Z95 = 1.959963984540054  # the standard normal's 0.975 quantile
@@ -40,14 +41,7 @@ def load_tasks(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no such task file: {path}")
     items, seen = [], set()
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    for where, item in records(path):
         items.append(check_item(item, where))
         if items[-1]["id"] in seen:
             raise ValueError(f"{where}: duplicate id {items[-1]['id']!r}")

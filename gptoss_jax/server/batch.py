@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gptoss_jax.server.chat import BadRequest, Output, completion_object, error_object, prepare_chat
+from gptoss_jax.server.chat import BadRequest, completion_object, error_object, output_request, prepare_chat
 from gptoss_jax.server.engine import Engine
 
 
@@ -116,13 +116,7 @@ def run_batch(engine: Engine, input_path: str | os.PathLike, output_path: str | 
 
 
 def _submit(engine: Engine, job, rid, write):
-    out = Output(job.stop)
-    req = job.request()
-
-    def on_token(t):
-        out.feed(t)
-        if out.stopped:
-            req.cancel()
+    out, req = output_request(job)
 
     def on_finish(reason, error):
         if error:
@@ -131,7 +125,7 @@ def _submit(engine: Engine, job, rid, write):
         out.close()
         write({"recordId": rid, "modelOutput": completion_object(job, out, reason)}, False)
 
-    req.on_token, req.on_finish = on_token, on_finish
+    req.on_finish = on_finish
     while True:  # the engine's queue is bounded: wait for room
         try:
             return engine.submit(req)

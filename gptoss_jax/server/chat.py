@@ -416,8 +416,9 @@ def delta_to_openai(d: dict) -> dict:
     return d
 
 
-def run_chat(engine: Engine, job: ChatJob, timeout: float | None = None) -> dict:
-    """Run one checked request to completion (blocking) and return the chat.completion object."""
+def output_request(job: ChatJob):
+    """(Output, engine request) for a checked job: every sampled token feeds the Output, and the request stops
+    once a stop string has been seen."""
     out = Output(job.stop)
     req = job.request()
 
@@ -427,6 +428,12 @@ def run_chat(engine: Engine, job: ChatJob, timeout: float | None = None) -> dict
             req.cancel()
 
     req.on_token = on_token
+    return out, req
+
+
+def run_chat(engine: Engine, job: ChatJob, timeout: float | None = None) -> dict:
+    """Run one checked request to completion (blocking) and return the chat.completion object."""
+    out, req = output_request(job)
     engine.generate(req, timeout)
     if req.error:
         raise RuntimeError(req.error)

@@ -6,6 +6,7 @@ import dataclasses
 
 from gptoss_jax.config import REMAT_MODES
 
+RUN_FILE = "run.json"  # a run folder's configuration: what marks a folder as a fine-tuning run
 # Fields that may differ when a run is resumed. A different --steps reshapes the cosine schedule from there on.
 RESUMABLE_FIELDS = ("steps", "save_every", "keep", "eval_every", "tensorboard", "progress")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 from openai_harmony import RenderConversationConfig, Role
 
 from gptoss_jax import harmony
+from gptoss_jax.jsonl import records
 from gptoss_jax.tokenizer import harmony_encoding
 
 
@@ -101,26 +101,18 @@ def read_jsonl(path: str | Path, seq_len: int) -> tuple[list[Example], DataStats
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     stats, examples = DataStats(), []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for where, record in records(path, DataError):
+        ex = render_example(record, where)
+        if ex is None:
+            stats.skipped_no_assistant += 1
+            continue
+        if len(ex.tokens) > seq_len + 1:
+            stats.truncated += 1
+            ex = Example(ex.tokens[: seq_len + 1], ex.loss_mask[: seq_len + 1])
+            if not ex.loss_mask[1:].any():
+                stats.skipped_no_loss_after_truncation += 1
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            ex = render_example(record, where)
-            if ex is None:
-                stats.skipped_no_assistant += 1
-                continue
-            if len(ex.tokens) > seq_len + 1:
-                stats.truncated += 1
-                ex = Example(ex.tokens[: seq_len + 1], ex.loss_mask[: seq_len + 1])
-                if not ex.loss_mask[1:].any():
-                    stats.skipped_no_loss_after_truncation += 1
-                    continue
-            examples.append(ex)
+        examples.append(ex)
     stats.examples = len(examples)
     if not examples:
         raise DataError(f"{path}: no usable examples ({stats.skipped_no_assistant} conversations without an "
@@ -137,6 +129,12 @@ class Rows:
     weights: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
+
+    @staticmethod
+    def zeros(rows: int, seq_len: int) -> Rows:
+        """Padding rows: token 0, weight 0, segment 0."""
+        return Rows(*(np.zeros((rows, seq_len), np.float32 if f.name == "weights" else np.int32)
+                      for f in dataclasses.fields(Rows)))
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -163,9 +161,7 @@ def pack(examples: Sequence[Example], seq_len: int) -> Rows:
             used = 0
         rows[-1].append(ex)
         used += n
-    R = len(rows)
-    out = Rows(*(np.zeros((R, seq_len), np.int32) for _ in range(2)), np.zeros((R, seq_len), np.float32),
-               *(np.zeros((R, seq_len), np.int32) for _ in range(2)))
+    out = Rows.zeros(len(rows), seq_len)
     for r, row in enumerate(rows):
         at = 0
         for s, ex in enumerate(row, 1):

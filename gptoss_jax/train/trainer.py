@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
@@ -27,11 +26,10 @@ from gptoss_jax.checkpoint import load_model
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import Transformer, init_model
 from gptoss_jax.sharding import logical_sharding, mesh_of
-from gptoss_jax.train.config import RESUMABLE_FIELDS, FinetuneConfig, RunError
+from gptoss_jax.train.config import RESUMABLE_FIELDS, RUN_FILE, FinetuneConfig, RunError
 from gptoss_jax.train.data import RowStream, Rows, batches, pack, read_jsonl
 from gptoss_jax.train.step import decay_mask, init_opt_state, make_eval_step, make_optimizer, make_train_step
 
-RUN_FILE = "run.json"
 MODEL_CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -118,8 +116,7 @@ def evaluate(eval_step, params, rows: Rows, batch_size: int, mesh=None) -> float
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
         if len(part) < batch_size:  # keep one compiled shape: pad with weightless rows
-            part = Rows.concat([part, Rows(*(np.zeros((batch_size - len(part), *x.shape[1:]), x.dtype)
-                                             for x in (getattr(part, f.name) for f in dataclasses.fields(Rows))))])
+            part = Rows.concat([part, Rows.zeros(batch_size - len(part), part.inputs.shape[1])])
         part = part[jax.process_index() * share : (jax.process_index() + 1) * share]
         s, n = eval_step(params, _device_batch(part, mesh))
         total, count = total + float(s), count + float(n)
