@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CHECKPOINT ?=
-PROMPT ?= What is the capital of France?
+PROMPT ?= What is 4821 + 1379?
 PYTEST_ARGS ?=
 
-.PHONY: demo test parity golden clean
+.PHONY: demo demo-model test notebooks strip-notebooks parity golden clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,19 +28,40 @@ $(VENV)/.installed-reference: pyproject.toml $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python $(VENV)/wheels/gpt_oss-0.0.9-py3-none-any.whl
 	touch $@
 
-# A Harmony chat reply to PROMPT, streamed; makes a tiny random checkpoint unless CHECKPOINT=DIR is given.
+# A Harmony chat reply to PROMPT, streamed, from the committed demo model (demo/gptoss-demo, which adds
+# integers: its reasoning shows the column-by-column working) unless CHECKPOINT=DIR is given.
 demo: $(VENV)/.installed
-ifeq ($(CHECKPOINT),)
-	@test -f demo-checkpoint/config.json || $(BIN)/gptoss-jax init --preset tiny --out demo-checkpoint
-	$(BIN)/gptoss-jax generate --checkpoint demo-checkpoint --prompt "$(PROMPT)" --max-new-tokens 32
-else
-	$(BIN)/gptoss-jax generate --checkpoint "$(CHECKPOINT)" --prompt "$(PROMPT)" --max-new-tokens 256
-endif
+	$(BIN)/gptoss-jax generate $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") --prompt "$(PROMPT)" --temperature 0 --max-new-tokens 256
+
+# Rebuild demo/gptoss-demo from nothing with the committed recipe (gptoss_jax/demo.py): the data, the untrained
+# model, `gptoss-jax finetune` (about 40 minutes on 2 CPU cores, resumable: run it again after an interruption),
+# the MXFP4 export, and the held-out evaluation written to demo/eval.json.
+DEMO_BUILD ?= demo/build
+demo-model: $(VENV)/.installed
+	test -f $(DEMO_BUILD)/data/train.jsonl || $(BIN)/python -m gptoss_jax.demo data --out $(DEMO_BUILD)/data
+	test -f $(DEMO_BUILD)/init/config.json || $(BIN)/python -m gptoss_jax.demo init --data $(DEMO_BUILD)/data --out $(DEMO_BUILD)/init
+	$(BIN)/gptoss-jax finetune --checkpoint $(DEMO_BUILD)/init --data $(DEMO_BUILD)/data/train.jsonl \
+		--eval-data $(DEMO_BUILD)/data/eval.jsonl --out $(DEMO_BUILD)/run --compact-vocab --steps 1000 --batch-size 8 \
+		--seq-len 512 --lr 4e-3 --warmup 50 --dtype float32 --remat none --save-every 100 --eval-every 100 --keep 3
+	$(BIN)/gptoss-jax convert --checkpoint $(DEMO_BUILD)/run --out demo/gptoss-demo --format original --overwrite
+	$(BIN)/python -m gptoss_jax.demo eval --checkpoint demo/gptoss-demo --out demo/eval.json
 
 # The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed).
 # One worker per core, whole files per worker (module fixtures compile once); the slowest tests are listed.
 test: $(VENV)/.installed-test
 	$(BIN)/pytest -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
+
+# Every notebook in notebooks/, executed top to bottom in its own Jupyter kernel (CI runs this too).
+notebooks: $(VENV)/.installed-notebooks
+	$(BIN)/pytest -m notebooks tests/test_notebooks.py --durations=0 $(PYTEST_ARGS)
+
+$(VENV)/.installed-notebooks: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e ".[test,notebooks]"
+	touch $@
+
+# Clear every notebook's outputs before committing (the test suite checks they are clear).
+strip-notebooks: $(VENV)/.installed-notebooks
+	$(BIN)/python -c "import sys, nbformat; [nbformat.write(nb, p) for p in sys.argv[1:] for nb in [nbformat.read(p, 4)] for c in nb.cells if c.cell_type == 'code' and not c.update(outputs=[], execution_count=None)]" notebooks/*.ipynb
 
 # The parity tier: live comparison against transformers and gpt_oss.torch; a missing reference fails.
 parity: $(VENV)/.installed-reference
@@ -59,4 +80,4 @@ bench: $(VENV)/.installed-test
 	nice -n 19 $(BIN)/python experiments/bench_all.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-checkpoint .pytest_cache
+	rm -rf $(VENV) $(DEMO_BUILD) .pytest_cache

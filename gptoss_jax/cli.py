@@ -99,7 +99,17 @@ def _load(args):
     from gptoss_jax.checkpoint import load_model
     from gptoss_jax.distributed import mesh_from_args
 
-    return load_model(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
+    path = args.checkpoint
+    if path is None:  # generate and chat: the committed demo model
+        from gptoss_jax.demo import DEMO_CHECKPOINT
+
+        if not (DEMO_CHECKPOINT / "config.json").is_file():
+            raise FileNotFoundError(f"no --checkpoint given and the demo model is not at {DEMO_CHECKPOINT} (it ships "
+                                    "with a git checkout; `make demo-model` rebuilds it); pass --checkpoint DIR")
+        print(f"(no --checkpoint: the demo model {DEMO_CHECKPOINT.name}, trained only to add integers; try "
+              "\"What is 345 + 678?\")", file=sys.stderr)
+        path = DEMO_CHECKPOINT
+    return load_model(path, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
 
 
 def _sampling_kwargs(args) -> dict:
@@ -271,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a checkpoint and stream a reply to --prompt as a one-turn Harmony chat: "
                                    "the reasoning (analysis channel) set apart from the answer (final channel). "
                                    "--raw continues the text as is instead.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (either layout)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (either layout); default: the demo model gptoss-demo, which adds integers")
     p.add_argument("--prompt", required=True, help="the user message (or, with --raw, the text to continue)")
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
@@ -282,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
                        description="A multi-turn Harmony chat that streams tokens and shows the reasoning apart "
                                    "from the answer. /reset clears the conversation, /exit or Ctrl-D quits.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (either layout)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint folder (either layout); default: the demo model gptoss-demo, which adds integers")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     p.add_argument("--system", default="", help="instructions for the model (the developer message)")
     _add_sampling(p)

@@ -99,9 +99,15 @@ class ModelConfig:
                    head_dim=64, num_attention_heads=4, num_key_value_heads=2)
 
     @classmethod
+    def demo(cls) -> ModelConfig:
+        """`gptoss-demo` (gptoss_jax.demo): narrow enough that the vocabulary's two tables stay ~50 MB in bf16."""
+        return cls(num_hidden_layers=4, num_experts=8, experts_per_token=2, hidden_size=64, intermediate_size=128,
+                   head_dim=32, num_attention_heads=8, num_key_value_heads=2)
+
+    @classmethod
     def preset(cls, name: str) -> ModelConfig:
         presets = {"20b": cls.gpt_oss_20b, "gpt-oss-20b": cls.gpt_oss_20b, "120b": cls.gpt_oss_120b,
-                   "gpt-oss-120b": cls.gpt_oss_120b, "tiny": cls.tiny}
+                   "gpt-oss-120b": cls.gpt_oss_120b, "tiny": cls.tiny, "demo": cls.demo}
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
         return presets[name]()

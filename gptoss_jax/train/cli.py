@@ -46,6 +46,11 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-norm", type=float, default=d["clip_norm"], help="global gradient-norm clip (default: 1)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=d["dtype"],
                    help="parameter and compute dtype (default: bfloat16)")
+    p.add_argument("--compact-vocab", action="store_true",
+                   help="for a model whose unembedding rows of every token the data never shows are equal (one "
+                        "initialized for it, e.g. the demo model's): train over the data's tokens plus one row "
+                        "standing for all others, exactly the full-vocabulary losses and gradients at a fraction "
+                        "of the cost; the export writes the full vocabulary back")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboardX)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

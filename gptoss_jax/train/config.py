@@ -38,6 +38,7 @@ class FinetuneConfig:
     clip_norm: float = 1.0
     min_lr_ratio: float = 0.1
     dtype: str = "bfloat16"
+    compact_vocab: bool = False  # train in the data's own tokens plus one tied row (gptoss_jax.train.vocab)
     tensorboard: bool = False
     progress: bool = True
 

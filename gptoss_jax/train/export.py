@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -9,8 +10,10 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import mxfp4
-from gptoss_jax.checkpoint import save_checkpoint
+from gptoss_jax.checkpoint import load_model, save_checkpoint
+from gptoss_jax.train.config import RUN_FILE
 from gptoss_jax.train.trainer import load_run
+from gptoss_jax.train.vocab import CompactVocab, expand
 
 
 def quantization_error(model) -> dict[str, float]:
@@ -35,5 +38,9 @@ def export_run(run_dir: str | Path, out: str | Path, format: str, *, experts: st
     """Write the newest checkpoint of a run in `format` ("hf" | "original"); returns the folder and, for MXFP4
     experts, the re-encoding error per expert matrix."""
     model = load_run(run_dir, jnp.float32)
+    vocab = CompactVocab.load(Path(run_dir))
+    if vocab is not None:  # a compact-vocabulary run: the full vocabulary back, unread rows from the start
+        source = json.loads((Path(run_dir) / RUN_FILE).read_text())["checkpoint"]
+        model = expand(model, vocab, load_model(source, jnp.float32, progress=False).embedding[...])
     errors = quantization_error(model) if experts == "mxfp4" else {}
     return save_checkpoint(model, out, format, experts=experts, overwrite=overwrite), errors

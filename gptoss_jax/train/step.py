@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gptoss_jax import ops
 from gptoss_jax.model import Transformer
 
 # Parameters that AdamW's weight decay leaves alone: norms, biases and attention sinks.
 NO_DECAY = ("scale", "qkv_b", "out_b", "gate_b", "mlp1_b", "mlp2_b", "sinks")
-LOSS_CHUNK = 1024  # tokens whose [chunk, vocab] logits exist at once in the loss
+LOSS_CHUNK = 512  # tokens whose [chunk, vocab] logits exist at once in the loss
 
 
 def decay_mask(params: nnx.State) -> Any:
@@ -45,29 +46,45 @@ def init_opt_state(tx: optax.GradientTransformation, params: nnx.State):
     return tx.init(jax.tree.map(lambda x: x.astype(jnp.float32), params))
 
 
-def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: int = LOSS_CHUNK):
+def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: int = LOSS_CHUNK, tied_rows: int = 0):
     """(sum of weighted next-token cross-entropies, sum of weights) for one micro-batch [B, L].
 
+    `tied_rows` > 0: the last unembedding row stands for that many equal rows (a compact vocabulary,
+    `gptoss_jax.train.vocab`): its logit counts log(tied_rows) times more in the softmax, and its gradient is that
+    of one of the rows it stands for (their sum / tied_rows), as each tied row of the full model would get.
+
     The unembedding and its log-softmax run over `chunk` tokens at a time and are recomputed in the backward pass,
-    so the [tokens, vocab] logits never exist whole (201088 float32 logits are 0.8 MB a token).
+    so the [tokens, vocab] logits never exist whole (201088 float32 logits are 0.8 MB a token). Trained tokens are
+    moved to the front first and chunks without any are skipped: a chat's prompt tokens (often half of a row) never
+    pay for the vocabulary.
     """
     h_BLD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], remat=remat)
     B, L, D = h_BLD.shape
     n = B * L
     c = min(chunk, n)
     pad = -n % c
-    h_ND = jnp.pad(h_BLD.reshape(n, D), ((0, pad), (0, 0)))
-    t_N = jnp.pad(batch["targets"].reshape(n), (0, pad))
-    w_N = jnp.pad(batch["weights"].reshape(n).astype(jnp.float32), (0, pad))
+    w_N = batch["weights"].reshape(n).astype(jnp.float32)
+    order = jnp.argsort(w_N == 0, stable=True)  # trained tokens first, each group in its original order
+    h_ND = jnp.pad(h_BLD.reshape(n, D)[order], ((0, pad), (0, 0)))
+    t_N = jnp.pad(batch["targets"].reshape(n)[order], (0, pad))
+    w_N = jnp.pad(w_N[order], (0, pad))
+
+    unemb_VD = model.unembedding[...]
+    if tied_rows:
+        u = unemb_VD[-1]
+        unemb_VD = unemb_VD.at[-1].set(u / tied_rows + jax.lax.stop_gradient(u - u / tied_rows))
+        offset_V = jnp.zeros(unemb_VD.shape[0], jnp.float32).at[-1].set(jnp.log(jnp.float32(tied_rows)))
 
     @jax.checkpoint
     def piece(h_cD, t_c, w_c):
-        logits = model.logits(h_cD)
+        logits = ops.linear(h_cD, unemb_VD, out_dtype=jnp.float32)  # Transformer.logits, with the tied row
+        if tied_rows:
+            logits = logits + offset_V
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
         return jnp.sum(nll * w_c)
 
     def body(total, xs):
-        return total + piece(*xs), None
+        return total + jax.lax.cond(jnp.any(xs[2] != 0), piece, lambda *_: jnp.float32(0), *xs), None
 
     split = lambda x: x.reshape(-1, c, *x.shape[1:])  # noqa: E731
     total, _ = jax.lax.scan(body, jnp.float32(0), (split(h_ND), split(t_N), split(w_N)))
@@ -75,7 +92,7 @@ def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: in
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, remat: str = "none",
-                    donate: bool = True):
+                    donate: bool = True, tied_rows: int = 0):
     """jit(params, opt_state, step, batch [K, B, L] for K micro-batches) -> (params, opt_state, metrics).
 
     The loss is the mean over every trained token of all K micro-batches, so accumulating K micro-batches of B rows
@@ -83,7 +100,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     """
 
     def loss_sum(params, micro):
-        total, count = token_losses(nnx.merge(graphdef, params), micro, remat)
+        total, count = token_losses(nnx.merge(graphdef, params), micro, remat, tied_rows=tied_rows)
         return total, count
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -111,6 +128,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, tied_rows: int = 0):
     """jit(params, batch [B, L]) -> (loss sum, trained-token count)."""
-    return jax.jit(lambda params, batch: token_losses(nnx.merge(graphdef, params), batch))
+    return jax.jit(lambda params, batch: token_losses(nnx.merge(graphdef, params), batch,
+                                                      tied_rows=tied_rows))

@@ -29,6 +29,7 @@ from gptoss_jax.sharding import logical_sharding, mesh_of
 from gptoss_jax.train.config import RESUMABLE_FIELDS, RUN_FILE, FinetuneConfig, RunError
 from gptoss_jax.train.data import RowStream, Rows, batches, pack, read_jsonl
 from gptoss_jax.train.step import decay_mask, init_opt_state, make_eval_step, make_optimizer, make_train_step
+from gptoss_jax.train.vocab import VOCAB_FILE, CompactVocab, compact
 
 MODEL_CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -137,11 +138,24 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
     dtype = jnp.dtype(cfg.dtype)
     examples, stats = read_jsonl(cfg.data, cfg.seq_len)
     eval_rows = None
-    if cfg.eval_data:
-        eval_examples, _ = read_jsonl(cfg.eval_data, cfg.seq_len)
-        eval_rows = pack(eval_examples, cfg.seq_len)
+    eval_examples = read_jsonl(cfg.eval_data, cfg.seq_len)[0] if cfg.eval_data else []
     if model is None:
         model = trainable_model(cfg.checkpoint, dtype, mesh)
+    tied_rows = 0
+    if cfg.compact_vocab:
+        vocab = CompactVocab.of([ex.tokens for ex in examples + eval_examples], model.config.vocab_size)
+        saved = CompactVocab.load(run.dir)
+        if saved is not None and saved != vocab:
+            raise RunError(f"{run.dir / VOCAB_FILE}: the run's vocabulary differs from the data's tokens now "
+                           f"({len(saved.used)} vs {len(vocab.used)} tokens); the data files changed")
+        vocab.save(run.dir)
+        model = compact(model, vocab)
+        examples, eval_examples = ([dataclasses.replace(ex, tokens=vocab.encode(ex.tokens)) for ex in exs]
+                                   for exs in (examples, eval_examples))
+        tied_rows = vocab.tied_rows
+        print(f"compact vocabulary: {len(vocab.used)} tokens of {vocab.full_size} plus one tied row")
+    if eval_examples:
+        eval_rows = pack(eval_examples, cfg.seq_len)
     mesh = mesh or mesh_of(model)
     model_cfg: ModelConfig = model.config
     (run.dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
@@ -159,8 +173,8 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
         print(f"{run.dir}: already at step {step} of {cfg.steps}; nothing to do")
         return {"step": step}
 
-    train_step = make_train_step(graphdef, tx, schedule, remat=cfg.remat)
-    eval_step = make_eval_step(graphdef) if eval_rows is not None else None
+    train_step = make_train_step(graphdef, tx, schedule, remat=cfg.remat, tied_rows=tied_rows)
+    eval_step = make_eval_step(graphdef, tied_rows) if eval_rows is not None else None
     stream = RowStream(examples, cfg.seq_len, cfg.seed)
     data = batches(stream, cfg.batch_size, cfg.grad_accum, position, process_index=jax.process_index(),
                    process_count=jax.process_count())
