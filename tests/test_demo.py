@@ -97,3 +97,21 @@ def test_committed_demo_model_adds_and_calls_the_calculator(demo_model):
     assert summary["tool_success"]["correct"] >= 14, [(r["tool_expression"], r["tool_answer"])
                                                       for r in summary["results"]]
     assert summary["working_exact"]["correct"] >= 12
+
+
+def test_generate_defaults_to_the_demo_model(demo_model, capsys):
+    from gptoss_jax.cli import main
+
+    assert main(["generate", "--prompt", "What is 345 + 678?", "--temperature", "0", "--max-new-tokens", "200"]) == 0
+    out, err = capsys.readouterr()
+    assert "no --checkpoint: the demo model gptoss-demo" in err
+    assert out.strip().endswith("345 + 678 = 1023.")
+
+
+def test_a_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    from gptoss_jax.cli import main
+
+    monkeypatch.setattr(demo, "DEMO_CHECKPOINT", tmp_path / "gptoss-demo")
+    assert main(["chat"]) == 2
+    err = capsys.readouterr().err
+    assert f"the demo model is not at {tmp_path / 'gptoss-demo'}" in err and "make demo-model" in err
