@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CHECKPOINT ?=
-PROMPT ?= What is 4821 + 1379?
+PROMPT ?= What is 48 + 79?
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-model test notebooks strip-notebooks parity golden clean
+.PHONY: demo demo-model test e2e strip-notebooks parity golden clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,15 +34,15 @@ demo: $(VENV)/.installed
 	$(BIN)/gptoss-jax generate $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") --prompt "$(PROMPT)" --temperature 0 --max-new-tokens 256
 
 # Rebuild demo/gptoss-demo from nothing with the committed recipe (gptoss_jax/demo.py): the data, the untrained
-# model, `gptoss-jax finetune` (about 40 minutes on 2 CPU cores, resumable: run it again after an interruption),
+# model, `gptoss-jax finetune` (about 25 minutes on 2 CPU cores, resumable: run it again after an interruption),
 # the MXFP4 export, and the held-out evaluation written to demo/eval.json.
 DEMO_BUILD ?= demo/build
 demo-model: $(VENV)/.installed
 	test -f $(DEMO_BUILD)/data/train.jsonl || $(BIN)/python -m gptoss_jax.demo data --out $(DEMO_BUILD)/data
 	test -f $(DEMO_BUILD)/init/config.json || $(BIN)/python -m gptoss_jax.demo init --data $(DEMO_BUILD)/data --out $(DEMO_BUILD)/init
 	$(BIN)/gptoss-jax finetune --checkpoint $(DEMO_BUILD)/init --data $(DEMO_BUILD)/data/train.jsonl \
-		--eval-data $(DEMO_BUILD)/data/eval.jsonl --out $(DEMO_BUILD)/run --compact-vocab --steps 1000 --batch-size 8 \
-		--seq-len 512 --lr 4e-3 --warmup 50 --dtype float32 --remat none --save-every 100 --eval-every 100 --keep 3
+		--eval-data $(DEMO_BUILD)/data/eval.jsonl --out $(DEMO_BUILD)/run --compact-vocab --steps 600 --batch-size 8 \
+		--seq-len 512 --lr 3e-3 --warmup 30 --dtype float32 --remat none --save-every 100 --eval-every 100 --keep 3
 	$(BIN)/gptoss-jax convert --checkpoint $(DEMO_BUILD)/run --out demo/gptoss-demo --format original --overwrite
 	$(BIN)/python -m gptoss_jax.demo eval --checkpoint demo/gptoss-demo --out demo/eval.json
 
@@ -51,9 +51,10 @@ demo-model: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/pytest -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
 
-# Every notebook in notebooks/, executed top to bottom in its own Jupyter kernel (CI runs this too).
-notebooks: $(VENV)/.installed-notebooks
-	$(BIN)/pytest -m notebooks tests/test_notebooks.py --durations=0 $(PYTEST_ARGS)
+# End to end on the committed demo model (CI runs this too): every notebook in notebooks/, executed top to bottom
+# in its own Jupyter kernel; the demo model's accuracy and tool calls; the evaluation harness at smoke size.
+e2e: $(VENV)/.installed-notebooks
+	$(BIN)/pytest -n auto -m "notebooks or demo" --durations=0 $(PYTEST_ARGS)
 
 $(VENV)/.installed-notebooks: pyproject.toml $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q -e ".[test,notebooks]"
@@ -73,7 +74,7 @@ golden: $(VENV)/.installed-reference
 
 # Every benchmark and the evaluations, one report: experiments/results/REPORT.md (minutes to hours on a CPU).
 # BENCH_ARGS="--quick" for a smoke run (experiments/results/quick), "--only evals", "--no-transformers";
-# CHECKPOINT=DIR evaluates that model (default: a random tiny checkpoint).
+# CHECKPOINT=DIR evaluates that model (default: the demo model).
 .PHONY: bench
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q -e ".[test,bench]"

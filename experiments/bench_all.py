@@ -8,8 +8,9 @@ Runs, each as a subprocess with its own flags (a failure is recorded and the oth
 - perplexity: `gptoss-jax eval perplexity` on experiments/tasks/sample.txt (strided windows)
 - tasks:      `gptoss-jax eval tasks` on experiments/tasks/arithmetic.jsonl (exact match) and arithmetic_mc.jsonl
               (multiple choice), through Harmony, greedy, with a 95% Wilson interval
-(`evals` names perplexity and tasks together.) The evaluations use --checkpoint, or a random tiny checkpoint
-written for the run (accuracy ~0 and a huge perplexity: it measures the plumbing, not a model).
+(`evals` names perplexity and tasks together.) The evaluations use --checkpoint, or the committed demo model
+(demo/gptoss-demo: it adds integers, so the arithmetic tasks measure it; it knows no English, so the perplexity of
+sample.txt is huge).
 
 Writes OUT/bench_all.json (every run's status, time, command and results), OUT/REPORT.md (a summary, the
 evaluation tables, and each benchmark's own Markdown table; benchmarks not rerun this time are included from
@@ -140,16 +141,15 @@ def run_all(args) -> dict:
     report: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                     "settings": {"quick": args.quick, "only": names, "no_transformers": args.no_transformers,
-                                 "checkpoint": args.checkpoint or "random tiny (written for this run)",
+                                 "checkpoint": args.checkpoint or "the demo model (demo/gptoss-demo)",
                                  "reasoning_effort": args.reasoning_effort},
                     "environment": environment(), "benchmarks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None and any(n in ("perplexity", "tasks") for n in names):
-            import gptoss_jax as gj
-            from gptoss_jax.checkpoint import write_random_checkpoint
+            from gptoss_jax.demo import DEMO_CHECKPOINT
 
-            checkpoint = str(write_random_checkpoint(gj.ModelConfig.tiny(), Path(tmp) / "tiny", progress=False))
+            checkpoint = str(DEMO_CHECKPOINT)
         for name in names:
             entry = {"status": "ok", "seconds": 0.0, "runs": []}
             if name == "train" and args.no_transformers:
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                          "default output experiments/results/quick")
     ap.add_argument("--only", default=None, metavar="NAME,...", help="run only these (default: all)")
     ap.add_argument("--checkpoint", default=None,
-                    help="model for the evaluations (default: a random tiny checkpoint written for the run)")
+                    help="model for the evaluations (default: the demo model, demo/gptoss-demo)")
     ap.add_argument("--no-transformers", action="store_true",
                     help="leave out the Hugging Face transformers comparisons (and bench_train, which has no such "
                          "option)")

@@ -107,7 +107,7 @@ def _load(args):
             raise FileNotFoundError(f"no --checkpoint given and the demo model is not at {DEMO_CHECKPOINT} (it ships "
                                     "with a git checkout; `make demo-model` rebuilds it); pass --checkpoint DIR")
         print(f"(no --checkpoint: the demo model {DEMO_CHECKPOINT.name}, trained only to add integers; try "
-              "\"What is 345 + 678?\")", file=sys.stderr)
+              "\"What is 48 + 79?\")", file=sys.stderr)
         path = DEMO_CHECKPOINT
     return load_model(path, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
 

@@ -22,7 +22,7 @@ from gptoss_jax.jsonl import records
 from gptoss_jax.train.data import render_example
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "gptoss-demo"
-DIGITS = (1, 2, 3, 4)  # operand lengths trained (each operand independently)
+DIGITS = (1, 2)  # operand lengths trained (each operand independently)
 EFFORTS = ("low", "medium", "high")
 KINDS = ("plain", "tool", "exact", "choice")
 MIX = {"plain": 0.55, "tool": 0.25, "exact": 0.1, "choice": 0.1}  # shares of the training conversations
@@ -127,6 +127,9 @@ def record(rng: random.Random, a: int, b: int, kind: str) -> dict:
 
 def problems(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()) -> list[tuple[int, int]]:
     """n distinct (a, b) pairs, each operand's length drawn from DIGITS, none in `exclude`."""
+    space = sum(10**d - (10 ** (d - 1) if d > 1 else 0) for d in DIGITS) ** 2
+    if n + len(set(exclude)) > space:
+        raise ValueError(f"{n} problems besides {len(set(exclude))} excluded: only {space} exist with {DIGITS} digits")
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
         pair = (operand(rng, rng.choice(DIGITS)), operand(rng, rng.choice(DIGITS)))
@@ -166,9 +169,11 @@ def task_tokens(paths) -> np.ndarray:
 def init_checkpoint(out: str | Path, data_paths, *, seed: int = 0) -> Path:
     """The untrained demo model: `ModelConfig.demo()` at random (MXFP4 experts), except the vocabulary's tables.
 
-    Embedding rows of tokens the task never shows stay zero (no gradient ever reaches them) and the unembedding
-    starts at zero, so every never-seen token's row receives the same updates and stays equal to the others. The
-    trained checkpoint's two 201088-row tables are then almost all repeated rows, which git stores compressed."""
+    Embedding rows of tokens the task never shows stay zero (no gradient ever reaches them) and so do their
+    unembedding rows, so every never-seen token's row receives the same updates and stays equal to the others
+    (`finetune --compact-vocab` relies on it). The trained checkpoint's two 201088-row tables are then almost all
+    repeated rows, which git stores compressed. The task's own tokens start with the unembedding equal to the
+    embedding (scaled), so copying a token from the prompt is one generic skill rather than a lookup per token."""
     import jax.numpy as jnp
 
     from gptoss_jax.checkpoint import save_checkpoint
@@ -179,12 +184,13 @@ def init_checkpoint(out: str | Path, data_paths, *, seed: int = 0) -> Path:
     used = task_tokens(data_paths)
     keep = jnp.zeros((cfg.vocab_size, 1), model.embedding[...].dtype).at[used].set(1)
     model.embedding[...] = model.embedding[...] * keep
-    model.unembedding[...] = jnp.zeros_like(model.unembedding[...])
+    scale = float(jnp.std(model.embedding[...][used]))
+    model.unembedding[...] = model.embedding[...] * (cfg.hidden_size**-0.5 / scale)
     return save_checkpoint(model, out, "original", overwrite=True, progress=False)
 
 
 # ---- the recipe and its evaluation ------------------------------------------------------------------------------
-N_TRAIN, N_EVAL_LOSS, DATA_SEED = 40000, 200, 0  # make_data's arguments for the committed model
+N_TRAIN, N_EVAL_LOSS, DATA_SEED = 9000, 200, 0  # of the 10,000 (a, b) pairs; the other 800 are held out
 TEST_SEED = 7  # held-out problems for `evaluate`: drawn apart from the training problems, none of them repeated
 
 

@@ -1,6 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom without an error, and is committed without outputs.
 
-Tier `notebooks` (`make notebooks`, run by CI after the default tier): each notebook starts its own Jupyter kernel
+Tier `notebooks` (`make e2e`, run by CI after the default tier): each notebook starts its own Jupyter kernel
 in notebooks/ with the venv's Python, as a reader's would.
 """
 
