@@ -73,10 +73,5 @@ def test_quick_evals(tmp_path):
         assert r["n"] == 4 and 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1
         assert len((out / f"eval_tasks_{name}.jsonl").read_text().splitlines()) == 4
     assert "| arithmetic.jsonl | 4 |" in md and "| arithmetic_mc.jsonl | 4 |" in md
-    # The demo model adds operands of up to 2 digits: the items of its lengths (add-000, add-003) are right.
-    for name in ("arithmetic", "arithmetic_mc"):
-        got = {r["id"]: r for r in map(json.loads, (out / f"eval_tasks_{name}.jsonl").read_text().splitlines())}
-        two_digit = [r for r in got.values() if r["id"].endswith(("000", "003"))]
-        assert len(two_digit) == 2 and all(r["correct"] for r in two_digit), two_digit
     if _has_matplotlib():
         assert report["plots"]["tasks"] == "eval_tasks.png" and (out / "eval_tasks.png").exists()
