@@ -86,3 +86,11 @@ def test_untied_rows_are_refused(tied_model):
     model.unembedding[...] = model.unembedding[...].at[5].add(1.0)
     with pytest.raises(RunError, match="1 of them differ from the first"):
         compact(model, CompactVocab(tuple(int(t) for t in USED), V))
+
+
+def test_encode_maps_used_tokens_in_order_and_the_rest_to_the_extra_row():
+    vocab = CompactVocab.of([USED[::-1], USED[:3]], V)
+    assert vocab.used == tuple(int(t) for t in USED) and vocab.size == len(USED) + 1
+    tokens = np.array([[511, 3, 4], [0, 200, 510]])
+    np.testing.assert_array_equal(vocab.encode(tokens), [[9, 0, 10], [10, 6, 10]])
+    assert vocab.encode(tokens).dtype == np.int32

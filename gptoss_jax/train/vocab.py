@@ -43,9 +43,10 @@ class CompactVocab:
         return len(self.used) + 1  # the last row stands for every token the data never shows
 
     def encode(self, tokens: np.ndarray) -> np.ndarray:
-        lut = np.full(self.full_size, len(self.used), np.int32)
-        lut[list(self.used)] = np.arange(len(self.used), dtype=np.int32)
-        return lut[np.asarray(tokens)]
+        """Compact ids of full-vocabulary `tokens`; tokens outside `used` map to the extra row."""
+        used, tokens = np.asarray(self.used), np.asarray(tokens)
+        at = np.minimum(np.searchsorted(used, tokens), len(used) - 1)
+        return np.where(used[at] == tokens, at, len(used)).astype(np.int32)
 
     @property
     def tied_rows(self) -> int:
