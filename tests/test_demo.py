@@ -122,3 +122,38 @@ def test_a_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
     assert main(["chat"]) == 2
     err = capsys.readouterr().err
     assert f"the demo model is not at {tmp_path / 'gptoss-demo'}" in err and "make demo-model" in err
+
+
+@pytest.mark.demo
+def test_the_demo_recipe_end_to_end_at_a_small_size(tmp_path):
+    """`make demo-model`'s commands at a small size: data, the untrained model, `finetune --compact-vocab`, the
+    export. The export holds the full vocabulary, and its full-softmax loss on the evaluation data is the run's
+    compact-vocabulary eval loss (up to the export's bf16 rounding)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import gptoss_jax as gj
+    from gptoss_jax.cli import main
+    from gptoss_jax.train.data import pack
+    from gptoss_jax.train.step import make_eval_step
+    from gptoss_jax.train.trainer import evaluate
+
+    paths = demo.make_data(tmp_path / "data", n_train=24, n_eval=6)
+    init = demo.init_checkpoint(tmp_path / "init", list(paths.values()))
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["finetune", "--checkpoint", str(init), "--data", str(paths["train"]), "--eval-data",
+                 str(paths["eval"]), "--out", str(run), "--compact-vocab", "--steps", "4", "--batch-size", "2",
+                 "--seq-len", "512", "--lr", "3e-3", "--warmup", "1", "--dtype", "float32", "--remat", "none",
+                 "--eval-every", "4", "--no-progress"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and metrics[-1]["loss"] < metrics[0]["loss"]
+    assert main(["convert", "--checkpoint", str(run), "--out", str(out), "--format", "hf", "--experts", "bf16"]) == 0
+
+    model = gj.load_model(out, dtype=jnp.float32, experts="dense")
+    assert model.config.vocab_size == gj.ModelConfig.demo().vocab_size
+    unembed = np.asarray(model.unembedding[...])
+    unused = np.setdiff1d(np.arange(unembed.shape[0]), demo.task_tokens(paths.values()))
+    assert unembed[unused[0]].any() and (unembed[unused] == unembed[unused[0]]).all()  # trained, still tied
+    graphdef, params = nnx.split(model)
+    full_loss = evaluate(make_eval_step(graphdef), params, pack(read_jsonl(paths["eval"], 512)[0], 512), 2)
+    assert full_loss == pytest.approx(metrics[-1]["eval_loss"], rel=2e-2)
