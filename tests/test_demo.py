@@ -94,25 +94,27 @@ def demo_model():
 
 @pytest.mark.demo
 def test_committed_demo_model_answers_in_harmony(demo_model):
-    """16 held-out problems (never trained on), greedy: every reply has its analysis and final channels and a
-    calculator call when the tool is offered, and some sums, workings and calls are right. The model is right on
-    ~28% of problems (demo/eval.json, 200 problems): these floors catch a broken model, not that figure, because
-    greedy paths of an undertrained model move with the batch's shapes."""
+    """16 held-out problems (never trained on), greedy, in one batch: every reply has its analysis and final
+    channels; the sums, the column working, the calculator calls and the answers after the tool's result are right.
+    demo/eval.json measures 100% on 200 such problems; one miss in 16 is allowed because greedy paths can move with
+    the batch's shapes."""
     summary = demo.evaluate(demo_model, 16, batch_size=16)
     assert all(r["answer"] and r["reasoning"] for r in summary["results"])
     assert summary["tool_call_made"]["correct"] == 16
-    for key in ("accuracy", "working_exact", "tool_call_correct"):
-        assert summary[key]["correct"] >= 1, key
+    for key in ("accuracy", "working_exact", "tool_call_correct", "tool_success"):
+        assert summary[key]["correct"] >= 15, (key, summary[key])
 
 
 @pytest.mark.demo
 def test_generate_defaults_to_the_demo_model(demo_model, capsys):
+    """What `make demo` prints on a fresh clone: the worked answer, right."""
     from gptoss_jax.cli import main
 
     assert main(["generate", "--prompt", "What is 48 + 79?", "--temperature", "0", "--max-new-tokens", "200"]) == 0
     out, err = capsys.readouterr()
     assert "no --checkpoint: the demo model gptoss-demo" in err
-    assert "48 has the digits 4 8." in out and "48 + 79 = " in out.strip().splitlines()[-1]
+    assert "48 has the digits 4 8. 79 has the digits 7 9." in out and "so the sum is 127." in out
+    assert out.strip().splitlines()[-1] == "48 + 79 = 127."
 
 
 def test_a_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
