@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +126,13 @@ def record(rng: random.Random, a: int, b: int, kind: str) -> dict:
     return {"messages": messages, "reasoning_effort": effort}
 
 
+SPACE = sum(10**d - (10 ** (d - 1) if d > 1 else 0) for d in DIGITS) ** 2  # distinct (a, b) pairs
+
+
 def problems(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()) -> list[tuple[int, int]]:
     """n distinct (a, b) pairs, each operand's length drawn from DIGITS, none in `exclude`."""
-    space = sum(10**d - (10 ** (d - 1) if d > 1 else 0) for d in DIGITS) ** 2
-    if n + len(set(exclude)) > space:
-        raise ValueError(f"{n} problems besides {len(set(exclude))} excluded: only {space} exist with {DIGITS} digits")
+    if n + len(set(exclude)) > SPACE:
+        raise ValueError(f"{n} problems besides {len(set(exclude))} excluded: only {SPACE} exist with {DIGITS} digits")
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
         pair = (operand(rng, rng.choice(DIGITS)), operand(rng, rng.choice(DIGITS)))
@@ -139,7 +142,8 @@ def problems(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()) -> 
     return out
 
 
-def make_data(out: str | Path, *, n_train: int, n_eval: int, mix: dict[str, float] = MIX, seed: int = 0) -> dict[str, Path]:
+def make_data(out: str | Path, *, n_train: int, n_eval: int, mix: dict[str, float] = MIX,
+              seed: int = 0) -> dict[str, Path]:
     """Write train.jsonl and eval.jsonl (disjoint problems) for `gptoss-jax finetune`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +195,7 @@ def init_checkpoint(out: str | Path, data_paths, *, seed: int = 0) -> Path:
 
 # ---- the recipe and its evaluation ------------------------------------------------------------------------------
 N_TRAIN, N_EVAL_LOSS, DATA_SEED = 9000, 200, 0  # of the 10,000 (a, b) pairs; the other 800 are held out
+N_HELD_OUT = SPACE - N_TRAIN - N_EVAL_LOSS
 TEST_SEED = 7  # held-out problems for `evaluate`: drawn apart from the training problems, none of them repeated
 
 
@@ -277,9 +282,8 @@ def summarize_eval(results: list[dict]) -> dict:
         lo, hi = tasks.wilson_interval(k, len(rows))
         return {"rate": k / len(rows), "correct": k, "n": len(rows), "ci95": [lo, hi]}
 
-    by_len = {}
-    for d in sorted({max(len(str(r["a"])), len(str(r["b"]))) for r in results}):
-        by_len[str(d)] = rate("correct", [r for r in results if max(len(str(r["a"])), len(str(r["b"]))) == d])
+    longer = [max(len(str(r["a"])), len(str(r["b"]))) for r in results]
+    by_len = {str(d): rate("correct", [r for r, k in zip(results, longer) if k == d]) for d in sorted(set(longer))}
     return {"n": n, "accuracy": rate("correct"), "accuracy_by_longer_operand_digits": by_len,
             "working_exact": rate("working_correct"), "tool_call_made": rate("tool_call_made"),
             "tool_call_correct": rate("tool_call_correct"), "tool_success": rate("tool_success"),
@@ -311,15 +315,31 @@ def main(argv=None) -> int:
     i.add_argument("--out", required=True)
     e = sub.add_parser("eval", help="held-out accuracy and tool-call success of a checkpoint")
     e.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help=f"default: {DEMO_CHECKPOINT}")
-    e.add_argument("--n", type=int, default=200, help="held-out problems (default: 200)")
+    e.add_argument("--n", type=int, default=200, help=f"held-out problems, 1 to {N_HELD_OUT} (default: 200)")
     e.add_argument("--reasoning-effort", default="medium", choices=EFFORTS)
     e.add_argument("--out", default=None, help="write the summary and every answer here (JSON)")
     args = p.parse_args(argv)
+    if args.cmd == "eval" and not 1 <= args.n <= N_HELD_OUT:
+        p.error(f"--n must be 1 to {N_HELD_OUT} (the problems never trained on), got {args.n}")
+    try:
+        _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        print(f"python -m gptoss_jax.demo {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args) -> None:
     if args.cmd == "data":
         paths = make_data(args.out, n_train=N_TRAIN, n_eval=N_EVAL_LOSS, seed=DATA_SEED)
         print(f"wrote {paths['train']} ({N_TRAIN} conversations) and {paths['eval']} ({N_EVAL_LOSS})")
     elif args.cmd == "init":
-        path = init_checkpoint(args.out, [Path(args.data) / "train.jsonl", Path(args.data) / "eval.jsonl"])
+        data = [Path(args.data) / "train.jsonl", Path(args.data) / "eval.jsonl"]
+        for path in data:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist: --data is the folder `python -m gptoss_jax.demo "
+                                        "data --out DIR` wrote")
+        path = init_checkpoint(args.out, data)
         print(f"wrote the untrained demo model to {path}")
     else:
         from gptoss_jax.checkpoint import load_model
@@ -329,7 +349,6 @@ def main(argv=None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
             print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -159,3 +159,17 @@ def test_the_demo_recipe_end_to_end_at_a_small_size(tmp_path):
     graphdef, params = nnx.split(model)
     full_loss = evaluate(make_eval_step(graphdef), params, pack(read_jsonl(paths["eval"], 512)[0], 512), 2)
     assert full_loss == pytest.approx(metrics[-1]["eval_loss"], rel=2e-2)
+
+
+def test_demo_command_errors_name_the_problem(tmp_path, capsys):
+    assert demo.N_HELD_OUT == 800
+    for n in ("0", "801"):
+        with pytest.raises(SystemExit) as e:
+            demo.main(["eval", "--n", n])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--n must be 1 to 800 (the problems never trained on), got {n}" in err
+    assert demo.main(["init", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "init")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere' / 'train.jsonl'} does not exist" in err and "gptoss_jax.demo data" in err
+    assert demo.main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert f"demo eval: error: {tmp_path} is neither" in capsys.readouterr().err
