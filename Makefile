@@ -6,7 +6,7 @@ CHECKPOINT ?=
 PROMPT ?= What is 48 + 79?
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-model test e2e strip-notebooks parity golden clean
+.PHONY: demo demo-model test e2e accel strip-notebooks parity golden clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,15 @@ e2e: $(VENV)/.installed-notebooks
 
 $(VENV)/.installed-notebooks: pyproject.toml $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q -e ".[test,notebooks]"
+	touch $@
+
+# The accelerator tier (CI runs it): every Pallas kernel and the model's real steps compiled for TPU (libtpu) and
+# GPU (the CUDA plugin) on this CPU host, deviceless, with the compilers' per-device memory checked.
+accel: $(VENV)/.installed-accel
+	$(BIN)/pytest -n auto -m accel --durations=0 $(PYTEST_ARGS) tests/accel
+
+$(VENV)/.installed-accel: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e ".[test,tpu,gpu]"
 	touch $@
 
 # Clear every notebook's outputs before committing (the test suite checks they are clear).

@@ -1,8 +1,9 @@
-"""Expert parallelism for the MoE: each device runs only its own experts, on the tokens routed to them.
+"""The MoE's experts on a mesh: each device runs only the experts it holds, on the tokens routed to them.
 
-Chosen automatically by `model.MoE` when its expert weights are sharded over a mesh whose `expert` axis has more
-than one device and divides the number of experts; on one device (or when the table replicates the experts)
-the MoE runs as before.
+`model.MoE` runs this whenever its weights are on a mesh of more than one device: under expert > 1 (dividing the
+experts) it is expert parallelism; under fsdp / tensor alone every device runs all experts on its own tokens,
+FSDP-style (weights gathered per layer), tensor-parallel inside the experts. Either way the grouped-matmul
+kernels run per device, inside `shard_map`, which Mosaic and Triton calls require.
 
 Scheme (`jax.shard_map`; exact, no capacity limit, no token ever dropped):
 1. The router runs as before, in the ordinary SPMD program (float32 top-k, softmax over the k).
@@ -28,18 +29,10 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import ops
 from gptoss_jax.mxfp4 import Packed
-from gptoss_jax.sharding import mesh_of_array, partition_spec
+from gptoss_jax.sharding import partition_spec
 
 AXES1 = ("experts", "expert_mlp", "embed")  # mlp1 [E, 2F, D] (Packed: [E, 2F, D/2] codes, [E, 2F, D/32] scales)
 AXES2 = ("experts", "embed", "expert_mlp")  # mlp2 [E, D, F]
-
-
-def expert_mesh(num_experts: int, weight) -> jax.sharding.AbstractMesh | None:
-    """The mesh to run expert-parallel on: the experts' mesh when its `expert` axis (> 1) divides the experts."""
-    mesh = mesh_of_array(weight)
-    if mesh is None or mesh.shape["expert"] <= 1 or num_experts % mesh.shape["expert"]:
-        return None
-    return mesh
 
 
 def _spec(axes, shape, mesh) -> P:
@@ -67,7 +60,7 @@ def moe(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2, *, mesh, alpha: float, li
     """
     B, T, D = t_BTD.shape
     E, F2 = b1.shape
-    n_expert, n_tensor = mesh.shape["expert"], mesh.shape["tensor"]
+    n_tensor = mesh.shape["tensor"]
     batch = _spec(("batch",), (B,), mesh)[0]
     tokens = P(batch, None, None)
 
@@ -77,6 +70,8 @@ def moe(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2, *, mesh, alpha: float, li
         return _spec(axes, w.shape, mesh)
 
     w1_spec, w2_spec = specs(w1, AXES1), specs(w2, AXES2)
+    # The table splits the experts over `expert` when that axis divides them; otherwise every device holds all.
+    n_expert = mesh.shape["expert"] if _spec(("experts",), (E,), mesh)[0] == "expert" else 1
     b1_spec, b2_spec = _spec(AXES1[:2], b1.shape, mesh), _spec(("experts", "embed"), b2.shape, mesh)
     # Tensor parallelism inside the experts needs the first matmul's output (interleaved gate / linear columns)
     # and the second's input split alike: F over `tensor` in both. Otherwise `tensor` is gathered like `fsdp`.
@@ -85,8 +80,8 @@ def moe(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2, *, mesh, alpha: float, li
     tp_specs += [(s, 2) for s in jax.tree.leaves(w2_spec, is_leaf=lambda x: isinstance(x, P))]
     tensor_parallel = n_tensor > 1 and (F2 // 2) % n_tensor == 0 and all(
         len(s) > d and s[d] == "tensor" for s, d in tp_specs)
-    keep = ("expert", "tensor") if tensor_parallel else ("expert",)
-    reduce_axes = ("expert", "tensor") if tensor_parallel else ("expert",)
+    keep = ("expert",) * (n_expert > 1) + ("tensor",) * tensor_parallel
+    reduce_axes = keep
 
     def local(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2):
         w1, w2 = (jax.tree.map(lambda a, s: _gather(a, s, keep), w, s, is_leaf=lambda x: isinstance(x, P))
@@ -98,7 +93,7 @@ def moe(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2, *, mesh, alpha: float, li
         k = expert_BTK.shape[-1]
         E_local = E // n_expert
         t_TD = t_BTD.reshape(Bl * Tl, D)
-        first = jax.lax.axis_index("expert") * E_local
+        first = jax.lax.axis_index("expert") * E_local if n_expert > 1 else 0
         local_M = expert_BTK.reshape(-1) - first
         mine_M = (local_M >= 0) & (local_M < E_local)
         # this device's pairs first, grouped by local expert (stable: same order as on one device); the others
@@ -111,7 +106,9 @@ def moe(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2, *, mesh, alpha: float, li
         y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(Bl * Tl, k, D)
         y_TKD = jnp.where(mine_M.reshape(Bl * Tl, k, 1), y_TKD, 0.0)
         y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_BTK.reshape(Bl * Tl, k))
-        return jax.lax.psum(y_TD, reduce_axes).reshape(Bl, Tl, D)
+        if reduce_axes:
+            y_TD = jax.lax.psum(y_TD, reduce_axes)
+        return y_TD.reshape(Bl, Tl, D)
 
     # check_vma=False: the grouped-matmul twins start their loops from fresh zeros, which the varying-axes type
     # check rejects as loop carries (the values are right: out_specs hold after the psum).

@@ -139,7 +139,7 @@ class MoE(nnx.Module):
                                self.gate_b[...].astype(jnp.float32))
         top_TK, expert_TK = jax.lax.top_k(logits_TE, k)
         weight_TK = jax.nn.softmax(top_TK, axis=-1)
-        if expert_parallel.expert_mesh(cfg.num_experts, self.mlp1_b[...]) is not None:  # experts over devices
+        if mesh is not None:  # on a mesh: each device runs the experts it holds (see expert_parallel)
             y_BTD = expert_parallel.moe(
                 t_TD.reshape(B, T, D), expert_TK.reshape(B, T, k), weight_TK.reshape(B, T, k), self.mlp1.weights(),
                 self.mlp1_b[...], self.mlp2.weights(), self.mlp2_b[...], mesh=mesh, alpha=cfg.swiglu_alpha,
@@ -265,12 +265,12 @@ class Transformer(nnx.Module):
                 x, caches = layer(x, caches, jax.tree.map(lambda a: a[i], pair_state), i, idx)
             return (x, caches), None
 
-        if caches is not None and x_BTD.shape[1] == 1 and ops.unroll_layers():  # decoding on XLA:CPU (see there)
+        if caches is not None and x_BTD.shape[1] == 1 and ops.unroll_layers(x_BTD):  # decoding on XLA:CPU (see there)
             for i in range(L):
                 x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: ops.layer_slice(a, i), state), i, i // 2)
             return x_BTD, caches
         if caches is not None:  # prefill: see ops.scan_operands
-            state, restore = ops.scan_operands(state)
+            state, restore = ops.scan_operands(state, x_BTD)
         if L // 2:
             pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
             (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))

@@ -3,6 +3,10 @@
 Attention and the expert matmuls run either as the Pallas kernels in `gptoss_kernels` or as their pure-XLA twins
 (the specification), behind the same signatures; `ModelConfig.kernels` chooses (`implementation`): by default the
 kernels on TPU and GPU, the twins elsewhere, and the environment variable GPTOSS_KERNELS overrides that default.
+"TPU" and "GPU" mean the platform the program is compiled for (`target_platform`: the devices its arrays are
+placed or sharded on), not the host: a step traced on a CPU host for a TPU mesh holds the Mosaic kernels.
+Under a mesh every kernel runs inside `shard_map` (Mosaic and Triton calls cannot be partitioned automatically),
+split by the logical-axis table: attention over batch and kv heads, the MoE as `expert_parallel` lays it out.
 
 On XLA:CPU the form of a product decides its speed by up to 10-30x (docs/cpu_performance.md has the measured
 tables), so the CPU forms are chosen here, by shape, at trace time. Every form computes the same float32
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.config import KERNEL_MODES, ConfigError
+from gptoss_jax.sharding import mesh_of_array, partition_spec
 from gptoss_kernels.attention import attention_xla
 from gptoss_kernels.attention_pallas import decode_attention, flash_attention
 from gptoss_kernels.moe import expert_loop_matmul_xla, grouped_matmul_xla, rowwise_matmul_xla, swiglu
@@ -35,22 +40,36 @@ _CPU_GEMV_MAX_K = 4095
 ROWWISE_MAX_ROWS = 64
 
 
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+def target_platform(x) -> str:
+    """"cpu", "tpu" or "gpu": the platform a (traced) array's program is compiled for. A sharded or mesh-placed
+    array carries its mesh's device kind through tracing (also for a deviceless compile target); an array on
+    one device without a mesh lives on the default backend."""
+    mesh = jax.typeof(x).sharding.mesh
+    device = None if mesh.empty else mesh.abstract_device
+    platform = jax.default_backend() if device is None else device.platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
-def implementation(kernels: str = "auto") -> tuple[str, bool, str | None]:
-    """(implementation, interpret, kernel backend) for a `ModelConfig.kernels` value, at trace time:
-    ("xla", False, None) for the twins, ("pallas", interpret?, "tpu" | "gpu" | None = the default backend's)."""
+def _on_cpu(x) -> bool:
+    return target_platform(x) == "cpu"
+
+
+def implementation(kernels: str, like) -> tuple[str, bool, str | None]:
+    """(implementation, interpret, kernel backend) for a `ModelConfig.kernels` value and the program holding the
+    array `like`: ("xla", False, None) for the twins, ("pallas", interpret?, "tpu" | "gpu")."""
     if kernels == "auto":
         kernels = os.environ.get(KERNELS_ENV, "auto")
         if kernels not in KERNEL_MODES:
             raise ConfigError(f"{KERNELS_ENV}={kernels!r}: expected one of {KERNEL_MODES}")
+    platform = target_platform(like)
     if kernels == "auto":
-        kernels = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+        kernels = "pallas" if platform in ("tpu", "gpu") else "xla"
     if kernels.startswith("interpret-"):
         return "pallas", True, kernels.removeprefix("interpret-")
-    return kernels, False, None
+    if kernels == "pallas" and platform not in ("tpu", "gpu"):
+        raise ConfigError(f"kernels='pallas' needs a TPU or GPU target, this program runs on {platform!r} "
+                          "(use 'interpret-tpu' / 'interpret-gpu' to run the kernels on CPU)")
+    return kernels, False, platform if kernels == "pallas" else None
 
 
 def linear(x, w_OI, b_O=None, out_dtype=None):
@@ -68,7 +87,8 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
     rows = math.prod(lead)
     x_RK = x.reshape(rows, K)
     pieces = -(-K // _CPU_GEMV_MAX_K)
-    if _on_cpu() and rows == 1 and K % pieces == 0:
+    on_cpu = _on_cpu(x)
+    if on_cpu and rows == 1 and K % pieces == 0:
         # XLA stops that rewrite at K = 4096 (the 20b's attention output projection): cut K into pieces below it
         # (2880 x 4096 in the model: 2.3 ms, against 7-10 ms padded to 2 rows for YNNPACK, which copies the layer's
         # weight out first, and 37 ms as is). Their sum goes behind a barrier: fused into the last product, it
@@ -82,7 +102,7 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
                  for x_p, w_p in zip(jnp.split(x_RK, pieces, axis=1), jnp.split(w_OI, pieces, axis=1))]
         y = sum(jax.lax.optimization_barrier(parts)) if pieces > 1 else parts[0]
     else:
-        if _on_cpu() and rows == 1:  # no even cut: pad to 2 rows and take the YNNPACK form
+        if on_cpu and rows == 1:  # no even cut: pad to 2 rows and take the YNNPACK form
             x_RK = jnp.concatenate([x_RK, jnp.zeros_like(x_RK)])
         dims = (((1,), (1,)), ((), ()))
         y = jax.lax.dot_general(x_RK, w_OI, dims, preferred_element_type=jnp.float32)[:rows]
@@ -91,7 +111,7 @@ def linear(x, w_OI, b_O=None, out_dtype=None):
     return y.reshape(*lead, -1).astype(out_dtype or x.dtype)
 
 
-def unroll_layers() -> bool:
+def unroll_layers(x) -> bool:
     """Whether decode steps run the layers as straight-line code instead of under a scan: on XLA:CPU.
 
     XLA:CPU slices bf16 arrays through float32, and inside a loop it hoists that convert out: a scan over the
@@ -104,10 +124,10 @@ def unroll_layers() -> bool:
     which XLA copies out of the stacked weights, and unrolled it schedules all layers' copies at once (the 20b
     then needs 24 GB); the full forward (training, parity) keeps it too.
     """
-    return _on_cpu()
+    return _on_cpu(x)
 
 
-def scan_operands(tree):
+def scan_operands(tree, like):
     """(tree, restore) for a scan over stacked layers on XLA:CPU: bf16 leaves cross the loop as their uint16 bit
     patterns and `restore` bitcasts one layer's slice back inside the body.
 
@@ -115,7 +135,7 @@ def scan_operands(tree):
     per call (2x their size: 2.6 GB for the 20b), where this way it copies them once at their own width. A bitcast
     to integers has no gradient: inference only. Elsewhere the tree passes unchanged.
     """
-    if not _on_cpu():
+    if not _on_cpu(like):
         return tree, lambda t: t
     dtypes = jax.tree.map(lambda a: a.dtype, tree)
     return jax.tree.map(_bits, tree), lambda t: jax.tree.map(
@@ -134,6 +154,13 @@ def _bits(a):
     return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
 
 
+# Logical axes of attention's operands (the sharding table splits batch and kv heads; the rest stays whole).
+_Q_AXES = ("batch", "sequence", "kv_heads", None, "head_dim")
+_KV_AXES = ("batch", "sequence", "kv_heads", "head_dim")
+_SINK_AXES = ("kv_heads", None)
+_POS_AXES = ("batch", "sequence")
+
+
 def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float, q_pos_BT=None, k_pos_BS=None,
               segment_ids_BT=None, kernels: str = "auto"):
     """Causal attention with sinks and an optional sliding window; [B, T, K, G, H].
@@ -143,17 +170,32 @@ def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float
     positions: queries against a KV cache's slots, whose position is -1 when empty (the decode kernel, for up to
     DECODE_KERNEL_MAX_QUERIES queries a row).
     """
-    impl, interpret, backend = implementation(kernels)
-    kw = dict(window=window, sm_scale=sm_scale)
-    packed_ok = segment_ids_BT is None or (backend or jax.default_backend()) == "tpu"
-    if impl == "pallas" and q_pos_BT is None and packed_ok:
-        return flash_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, interpret=interpret, backend=backend,
-                               segment_ids_BT=segment_ids_BT, **kw)
+    impl, interpret, backend = implementation(kernels, q_BTKGH)
+    kw = dict(window=window, sm_scale=sm_scale, interpret=interpret, backend=backend)
+    if impl == "pallas" and q_pos_BT is None and (segment_ids_BT is None or backend == "tpu"):
+        if segment_ids_BT is None:
+            return _per_device(lambda q, k, v, s: flash_attention(q, k, v, s, **kw),
+                               (q_BTKGH, k_BSKH, v_BSKH, sinks_KG), (_Q_AXES, _KV_AXES, _KV_AXES, _SINK_AXES))
+        return _per_device(lambda q, k, v, s, seg: flash_attention(q, k, v, s, segment_ids_BT=seg, **kw),
+                           (q_BTKGH, k_BSKH, v_BSKH, sinks_KG, segment_ids_BT),
+                           (_Q_AXES, _KV_AXES, _KV_AXES, _SINK_AXES, _POS_AXES))
     if impl == "pallas" and q_pos_BT is not None and q_BTKGH.shape[1] <= DECODE_KERNEL_MAX_QUERIES:
-        return decode_attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS,
-                                interpret=interpret, backend=backend, **kw)
+        return _per_device(lambda q, k, v, s, qp, kp: decode_attention(q, k, v, s, q_pos_BT=qp, k_pos_BS=kp, **kw),
+                           (q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT, k_pos_BS),
+                           (_Q_AXES, _KV_AXES, _KV_AXES, _SINK_AXES, _POS_AXES, _POS_AXES))
     return attention_xla(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT=q_pos_BT, k_pos_BS=k_pos_BS,
-                         segment_ids_BT=segment_ids_BT, **kw)
+                         segment_ids_BT=segment_ids_BT, window=window, sm_scale=sm_scale)
+
+
+def _per_device(kernel, args, axes):
+    """`kernel(*args)`, inside `shard_map` when the arrays are split over (or replicated on) a mesh: each device
+    runs the kernel on its shards as the logical-axis table splits them (`axes`: one tuple per argument; the
+    result is laid out like the first argument). Mosaic and Triton calls cannot be partitioned by the compiler."""
+    mesh = mesh_of_array(args[0])
+    if mesh is None or mesh.manual_axes:  # one device, or already per device (inside a shard_map)
+        return kernel(*args)
+    specs = tuple(partition_spec(a, x.shape, mesh) for a, x in zip(axes, args))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
 def grouped_matmul(x_MK, group_sizes_E, w, bias_EN, *, kernels: str = "auto"):
@@ -168,10 +210,10 @@ def grouped_matmul(x_MK, group_sizes_E, w, bias_EN, *, kernels: str = "auto"):
     Both treat dense experts exactly as packed ones (bit-identical results) and differentiate as the
     specification does.
     """
-    impl, interpret, backend = implementation(kernels)
+    impl, interpret, backend = implementation(kernels, x_MK)
     if impl == "pallas":
         return grouped_matmul_pallas(x_MK, group_sizes_E, w, bias_EN, interpret=interpret, backend=backend)
-    if _on_cpu():
+    if _on_cpu(x_MK):
         K = x_MK.shape[1] // 2  # both CPU forms contract the even and the odd columns apart
         if x_MK.shape[0] <= ROWWISE_MAX_ROWS and K <= _CPU_GEMV_MAX_K:
             return rowwise_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
@@ -182,7 +224,7 @@ def grouped_matmul(x_MK, group_sizes_E, w, bias_EN, *, kernels: str = "auto"):
 def grouped_matmul_swiglu(x_MK, group_sizes_E, w, bias_EN, *, alpha: float, limit: float, kernels: str = "auto"):
     """The first expert matmul and its clamped SwiGLU (interleaved gate/linear columns); float32 [M, N/2]. The
     kernel applies the activation in its epilogue."""
-    impl, interpret, backend = implementation(kernels)
+    impl, interpret, backend = implementation(kernels, x_MK)
     if impl == "pallas":
         return grouped_matmul_swiglu_pallas(x_MK, group_sizes_E, w, bias_EN, alpha=alpha, limit=limit,
                                             interpret=interpret, backend=backend)

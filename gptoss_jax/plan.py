@@ -334,6 +334,14 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences (training: one micro-batch) (default: 1)")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
     p.add_argument("--train", action="store_true", help="full-parameter fine-tuning instead of inference")
+    p.add_argument("--compile", metavar="TARGET", default=None,
+                   help="also compile the steps our commands run (generate's prefill chunk and decode step; with "
+                        "--train the fine-tuning step) for TARGET on this host and report the compiler's "
+                        "per-device bytes: a TPU topology as libtpu names it (v5e:2x2, v5e:2x4, v5p:2x2x1, "
+                        "v6e:2x2, v4:2x2x1, ...) or a GPU (h100, h100:8); the mesh takes the target's first "
+                        "devices (--mesh fsdp=1 is one chip; default: fsdp over all of them). Needs the `tpu` / "
+                        "`gpu` extra")
+    p.add_argument("--remat", default="full", help="with --train --compile: the trainer's --remat (default: full)")
     p.add_argument("--details", action="store_true", help="print each figure's breakdown")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_distributed_args(p)
@@ -344,6 +352,8 @@ def cmd_plan(args) -> None:
     import json
 
     # The multi-host flags are accepted (one launch script for every command); a plan needs no devices.
+    if args.compile:
+        return _cmd_compile(args)
     if not args.mesh:
         plans = [(t, plan(args.model, {"fsdp": t.devices}, args.batch, args.seq_len, train=args.train))
                  for t in TARGETS]
@@ -351,3 +361,49 @@ def cmd_plan(args) -> None:
         return
     result = plan(args.model, parse_mesh(args.mesh), args.batch, args.seq_len, train=args.train)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result, details=args.details))
+
+
+def _cmd_compile(args) -> None:
+    import json
+
+    from gptoss_jax import aot, targets
+
+    targets.prepare_environment()
+    try:
+        target = targets.get_target(args.compile)
+    except targets.TargetError as e:
+        raise SystemExit(f"error: {e}") from None
+    sizes = parse_mesh(args.mesh) if args.mesh else {"fsdp": len(target.devices)}
+    if math.prod(sizes.values()) > len(target.devices):
+        raise SystemExit(f"error: --mesh {args.mesh} needs {math.prod(sizes.values())} devices; {target.name} has "
+                         f"{len(target.devices)}")
+    estimate = plan(args.model, sizes, args.batch, args.seq_len, train=args.train)
+    cfg = ModelConfig.preset(args.model)
+    compiled = aot.compile_steps(cfg, target, sizes, args.batch, args.seq_len, train=args.train, remat=args.remat)
+    if args.json:
+        print(json.dumps({**estimate.to_dict(), "compile": compiled}, indent=2))
+    else:
+        print(format_plan(estimate, details=args.details))
+        print()
+        print(format_compiled(compiled, estimate))
+
+
+def format_compiled(compiled: dict, estimate: MemoryPlan) -> str:
+    """The compiler's per-device bytes of each step next to the estimate, with a verdict against the device."""
+    hbm = compiled["hbm_bytes"]
+    backend = "gpu" if compiled["device_kind"].startswith("NVIDIA") else "tpu"
+    lines = [f"Compiled for {compiled['target']} ({compiled['device_kind']}, {hbm / GiB:.2f} GiB per device); "
+             f"GiB per device:", "",
+             "| step | arguments | outputs | temporaries | aliased | total | estimate | kernel calls | compile s "
+             "| verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, s in compiled["steps"].items():
+        if not s["ok"]:
+            lines.append(f"| {name} | | | | | | {estimate.total(backend) / GiB:.2f} | | {s['seconds']} | "
+                         f"does not compile: {s['error']} |")
+            continue
+        free = (hbm - s["total_bytes"]) / GiB
+        verdict = f"fits ({free:.2f} GiB free)" if s["fits"] else f"does not fit ({-free:.2f} GiB over)"
+        lines.append(f"| {name} | {s['argument_bytes'] / GiB:.2f} | {s['output_bytes'] / GiB:.2f} | "
+                     f"{s['temp_bytes'] / GiB:.2f} | {s['alias_bytes'] / GiB:.2f} | {s['total_bytes'] / GiB:.2f} | "
+                     f"{estimate.total(backend) / GiB:.2f} | {s['kernel_calls']} | {s['seconds']} | {verdict} |")
+    return "\n".join(lines)

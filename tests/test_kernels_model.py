@@ -47,15 +47,18 @@ def test_logits_and_gradients_match_the_twins(backend, experts):
 
 
 def test_kernel_choice_follows_config_and_environment(monkeypatch):
-    assert ops.implementation("xla") == ("xla", False, None)
-    assert ops.implementation("interpret-gpu") == ("pallas", True, "gpu")
-    assert ops.implementation("auto")[0] == ("pallas" if jax.default_backend() in ("tpu", "gpu") else "xla")
+    x = jnp.zeros(3)  # an array on this host's default backend (CPU here)
+    assert ops.implementation("xla", x) == ("xla", False, None)
+    assert ops.implementation("interpret-gpu", x) == ("pallas", True, "gpu")
+    assert ops.implementation("auto", x)[0] == ("pallas" if jax.default_backend() in ("tpu", "gpu") else "xla")
+    with pytest.raises(gj.ConfigError, match="needs a TPU or GPU target"):
+        ops.implementation("pallas", x)
     monkeypatch.setenv(ops.KERNELS_ENV, "interpret-tpu")
-    assert ops.implementation("auto") == ("pallas", True, "tpu")
-    assert ops.implementation("xla") == ("xla", False, None)  # an explicit config wins over the environment
+    assert ops.implementation("auto", x) == ("pallas", True, "tpu")
+    assert ops.implementation("xla", x) == ("xla", False, None)  # an explicit config wins over the environment
     monkeypatch.setenv(ops.KERNELS_ENV, "cuda")
     with pytest.raises(gj.ConfigError, match="GPTOSS_KERNELS='cuda'"):
-        ops.implementation("auto")
+        ops.implementation("auto", x)
     with pytest.raises(gj.ConfigError, match="kernels"):
         dataclasses.replace(CFG, kernels="triton")
 

@@ -51,6 +51,9 @@ class TargetError(ValueError):
 def prepare_environment() -> None:
     """Before JAX's first backend use: compile for accelerators from this CPU host (see the module docstring)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu locks the (absent) chips for one process; compiling needs no chip, so several processes may
+    # (pytest workers, a plan next to a test run).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ["JAX_PLATFORMS"] = "cpu"
     jax.config.update("jax_platforms", "cpu")  # JAX read the variable when it was imported
     # XLA:GPU would otherwise time GEMM algorithms on the (absent) device.
