@@ -341,6 +341,9 @@ def add_parser(sub) -> None:
                         "v6e:2x2, v4:2x2x1, ...) or a GPU (h100, h100:8); the mesh takes the target's first "
                         "devices (--mesh fsdp=1 is one chip; default: fsdp over all of them). Needs the `tpu` / "
                         "`gpu` extra")
+    p.add_argument("--layers", type=int, default=None,
+                   help="with --compile: compile this many layers instead of the model's (a quick check of what "
+                        "depth does not change; memory verdicts need the full depth)")
     p.add_argument("--remat", default="full", help="with --train --compile: the trainer's --remat (default: full)")
     p.add_argument("--details", action="store_true", help="print each figure's breakdown")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -377,8 +380,10 @@ def _cmd_compile(args) -> None:
     if math.prod(sizes.values()) > len(target.devices):
         raise SystemExit(f"error: --mesh {args.mesh} needs {math.prod(sizes.values())} devices; {target.name} has "
                          f"{len(target.devices)}")
-    estimate = plan(args.model, sizes, args.batch, args.seq_len, train=args.train)
     cfg = ModelConfig.preset(args.model)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
+    estimate = plan(cfg, sizes, args.batch, args.seq_len, train=args.train)
     compiled = aot.compile_steps(cfg, target, sizes, args.batch, args.seq_len, train=args.train, remat=args.remat)
     if args.json:
         print(json.dumps({**estimate.to_dict(), "compile": compiled}, indent=2))
