@@ -66,11 +66,15 @@ $(VENV)/.installed-notebooks: pyproject.toml $(VENV)/.installed-test
 
 # The accelerator tier (CI runs it): every Pallas kernel and the model's real steps compiled for TPU (libtpu) and
 # GPU (the CUDA plugin) on this CPU host, deviceless, with the compilers' per-device memory checked.
-accel: $(VENV)/.installed-accel
-	$(BIN)/pytest -n auto -m accel --durations=0 $(PYTEST_ARGS) tests/accel
+# Its own venv: with libtpu and the CUDA plugin installed, JAX would look for a TPU and a GPU at every start.
+ACCEL_VENV ?= .venv-accel
+accel: $(ACCEL_VENV)/.installed
+	$(ACCEL_VENV)/bin/pytest -n auto -m accel --durations=0 $(PYTEST_ARGS) tests/accel
 
-$(VENV)/.installed-accel: pyproject.toml $(VENV)/.installed-test
-	$(BIN)/python -m pip install -q -e ".[test,tpu,gpu]"
+$(ACCEL_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(ACCEL_VENV)
+	$(ACCEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ACCEL_VENV)/bin/python -m pip install -q -e ".[test,tpu,gpu]"
 	touch $@
 
 # Clear every notebook's outputs before committing (the test suite checks they are clear).
@@ -94,4 +98,4 @@ bench: $(VENV)/.installed-test
 	nice -n 19 $(BIN)/python experiments/bench_all.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_BUILD) .pytest_cache
+	rm -rf $(VENV) $(ACCEL_VENV) $(DEMO_BUILD) .pytest_cache

@@ -258,11 +258,12 @@ class Transformer(nnx.Module):
                 caches = {**caches, kind: tuple(a.at[idx].set(n) for a, n in zip(caches[kind], new_kv))}
             return x, caches
 
-        def pair(carry, xs):
+        def pair(carry, idx):
             x, caches = carry
-            pair_state, idx = xs
-            for i in (0, 1):
-                x, caches = layer(x, caches, jax.tree.map(lambda a: a[i], pair_state), i, idx)
+            for i in (0, 1):  # each layer's weights indexed out of the stacks in place (no slice per pair)
+                layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, 2 * idx + i, keepdims=False),
+                                           state)
+                x, caches = layer(x, caches, layer_state, i, idx)
             return (x, caches), None
 
         if caches is not None and x_BTD.shape[1] == 1 and ops.unroll_layers(x_BTD):  # decoding on XLA:CPU (see there)
@@ -272,8 +273,9 @@ class Transformer(nnx.Module):
         if caches is not None:  # prefill: see ops.scan_operands
             state, restore = ops.scan_operands(state, x_BTD)
         if L // 2:
-            pairs = jax.tree.map(lambda a: a[: L - L % 2].reshape(L // 2, 2, *a.shape[1:]), state)
-            (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), (pairs, jnp.arange(L // 2)))
+            # The stacks are closed over, not scanned as operands: reshaped into pairs, TPU's compiler copied
+            # every stacked weight whose minor dimension is not 128-aligned (2880) once per call.
+            (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), jnp.arange(L // 2))
         if L % 2:  # a trailing even-indexed (sliding) layer
             x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: a[L - 1], state), L - 1, L // 2)
         return x_BTD, caches
