@@ -198,16 +198,24 @@ def cmd_generate(args) -> None:
     sys.stdout.write(harmony.decode(tokens)[len(shown):] + "\n")
 
 
+def _read_line() -> str | None:
+    try:
+        return input("> ").strip()
+    except EOFError:
+        return None
+
+
 def cmd_chat(args) -> None:
+    from gptoss_jax.distributed import share
+
     _sampling_kwargs(args)
     model = _load(args)
     printer = _Printer()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("gptoss-jax chat: type a message; /reset starts over, /exit or Ctrl-D quits.")
     while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
+        line = share(_read_line)  # process 0 reads the terminal; every process generates the reply
+        if line is None:
             print()
             return
         if line in ("/exit", "/quit"):
@@ -298,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     p.add_argument("--system", default="", help="instructions for the model (the developer message)")
     _add_sampling(p)
+    add_distributed_args(p, mesh=True, mesh_help="in a multi-process job process 0 reads the terminal")
     p.set_defaults(func=cmd_chat)
 
     finetune_cli.add_parser(sub)

@@ -15,14 +15,19 @@ With none of them set the job is single-process and nothing is initialized. `--d
 Kubernetes); `--distributed off` never initializes. On CPU the cross-process collectives are gloo.
 
 After `initialize`, `jax.devices()` lists every process's devices and `gj.make_mesh(...)` spans them all; every
-process runs the same program on its own devices' shards.
+process runs the same program on its own devices' shards. Process 0 alone prints, serves HTTP and writes files;
+what only it knows (a line typed into `chat`, a request to `serve`, the results file `eval tasks` resumes from)
+reaches the others through `share` / `Channel` (the coordinator's key-value store), so every process launches the
+same computations in the same order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import pickle
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 
@@ -50,13 +55,20 @@ class Settings:
         return self.mode == "auto" or any(v is not None for v in given)
 
 
-def add_distributed_args(parser, mesh: bool = False) -> None:
-    """Add the multi-host flags to a (sub)parser (and, with `mesh`, --mesh: see `mesh_from_args`)."""
+T = TypeVar("T")
+
+MESH_HELP = ("shard the model over a mesh of all devices (of every process), e.g. tensor=2,expert=4; the sizes "
+             "must multiply to the device count; default: one device, or fsdp over all devices in a "
+             "multi-process job")
+
+
+def add_distributed_args(parser, mesh: bool = False, mesh_help: str = "") -> None:
+    """Add the multi-host flags to a (sub)parser (and, with `mesh`, --mesh: see `mesh_from_args`; `mesh_help` is
+    appended to its help: what this command shards besides the parameters). Every command that loads a model
+    takes them; `gptoss_jax.cli.main` joins the job (`setup`) before the command runs."""
     if mesh:
         parser.add_argument("--mesh", metavar="data=..,fsdp=..,tensor=..,expert=..",
-                            help="shard the model over a mesh of all devices (of every process), e.g. "
-                                 "tensor=2,expert=4; default: one device, or fsdp over all devices in a "
-                                 "multi-process job")
+                            help=MESH_HELP + (f"; {mesh_help}" if mesh_help else ""))
     g = parser.add_argument_group("multi-host (jax.distributed; flags override GPTOSS_* / JAX_* environment)")
     g.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="process 0's address, the same on every process (env GPTOSS_COORDINATOR_ADDRESS)")
@@ -168,6 +180,80 @@ def to_host(x):
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def _client():
+    from jax._src import distributed as jd
+
+    if jd.global_state.client is None:
+        raise RuntimeError("a multi-process job without jax.distributed: start it through "
+                           "gptoss_jax.distributed.initialize (the --coordinator-address / --distributed flags)")
+    return jd.global_state.client
+
+
+class Channel:
+    """Messages from process 0 to every other process of the job, in order: process 0 `send`s, the others
+    `recv` the same sequence. Carried by the coordinator's key-value store (one key per message and receiver,
+    deleted once read), not by device collectives, so a receiver may wait for hours (an idle server) without a
+    collective timing out. Messages are pickled: the job's own processes only. Channels are told apart by name;
+    every process must create the same channels."""
+
+    def __init__(self, name: str, poll_s: float = 30.0):
+        self.name, self.poll_s, self.count = name, poll_s, 0
+
+    def _key(self, n: int, process: int) -> str:
+        return f"gptoss_jax/{self.name}/{n}/{process}"
+
+    def send(self, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        client = _client()
+        for p in range(1, jax.process_count()):
+            client.key_value_set_bytes(self._key(self.count, p), data)
+        self.count += 1
+
+    def recv(self) -> Any:
+        client = _client()
+        key = self._key(self.count, jax.process_index())
+        while True:
+            try:
+                data = client.blocking_key_value_get_bytes(key, int(self.poll_s * 1000))
+                break
+            except Exception as e:  # noqa: BLE001 - a wait that timed out: process 0 has nothing yet; wait on
+                if "DEADLINE_EXCEEDED" not in str(e).upper():
+                    raise
+        client.key_value_delete(key)
+        self.count += 1
+        return pickle.loads(data)  # noqa: S301 - from process 0 of this job
+
+
+_SHARE = None
+
+
+def share(fn: Callable[[], T]) -> T:
+    """`fn()` run on process 0 only, its value (or the exception it raised) handed to every process: for what
+    only process 0 may do (read stdin, read or truncate a file it alone writes, check a file it alone reads).
+    In a single-process job, just `fn()`."""
+    global _SHARE
+    if jax.process_count() == 1:
+        return fn()
+    if _SHARE is None:
+        _SHARE = Channel("share")
+    if not is_main_process():
+        ok, value = _SHARE.recv()
+        if not ok:
+            raise value
+        return value
+    try:
+        value = fn()
+    except Exception as e:
+        try:
+            pickle.dumps(e)
+            _SHARE.send((False, e))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its type name and message
+            _SHARE.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+        raise
+    _SHARE.send((True, value))
+    return value
 
 
 def setup(args) -> None:

@@ -1,9 +1,15 @@
-"""`gptoss-jax eval perplexity` and `gptoss-jax eval tasks`."""
+"""`gptoss-jax eval perplexity` and `gptoss-jax eval tasks`.
+
+Both take --mesh and the multi-host flags. In a multi-process job every process reads the data / task file and
+runs the same batches; process 0 alone prints and writes (--json, --out and its summary), and the results
+`eval tasks` resumes from are process 0's."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from gptoss_jax.distributed import add_distributed_args
 
 DTYPES = ("bfloat16", "float32")
 
@@ -28,6 +34,7 @@ def add_parser(sub) -> None:
     q.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
     q.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_args(q, mesh=True, mesh_help="each batch of windows split over data x fsdp")
     q.set_defaults(func=cmd_perplexity)
 
     t = ev.add_parser("tasks", help="accuracy on JSONL multiple-choice / exact-match tasks (resumable)",
@@ -48,6 +55,7 @@ def add_parser(sub) -> None:
     t.add_argument("--limit", type=int, default=None, help="only the first N tasks")
     t.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_args(t, mesh=True, mesh_help="the KV cache over the same mesh")
     t.set_defaults(func=cmd_tasks)
 
 
@@ -55,40 +63,47 @@ def _load(args):
     import jax.numpy as jnp
 
     from gptoss_jax.checkpoint import load_model
+    from gptoss_jax.distributed import mesh_from_args
 
-    return load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    return load_model(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
 
 
 def cmd_perplexity(args) -> None:
+    from gptoss_jax.distributed import is_main_process
     from gptoss_jax.evals.perplexity import perplexity
 
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"no such data file: {args.data}")
     model = _load(args)
     r = perplexity(model, args.data, window=args.window, stride=args.stride, batch_size=args.batch_size,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress and is_main_process())
     print(f"perplexity {r.perplexity:.4f} (mean NLL {r.nll:.4f} nats) over {r.tokens:,} tokens in "
           f"{r.documents} document(s); window {r.window}, stride {r.stride}, {r.windows} windows")
-    if args.json:
+    if args.json and is_main_process():
         Path(args.json).write_text(json.dumps(dict(r.to_dict(), data=str(args.data),
                                                     checkpoint=str(args.checkpoint)), indent=2) + "\n")
 
 
 def cmd_tasks(args) -> None:
-    from gptoss_jax.evals.tasks import evaluate_tasks, load_tasks, pending_ids
+    from gptoss_jax.distributed import is_main_process, share
+    from gptoss_jax.evals.tasks import evaluate_tasks, load_tasks, read_results
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    load_tasks(args.tasks)  # bad task files fail before the model loads
-    model = _load(args) if pending_ids(args.tasks, args.out, args.limit) else None  # all done: just summarize
-    s = evaluate_tasks(model, args.tasks, args.out, reasoning_effort=args.reasoning_effort,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       temperature=args.temperature, seed=args.seed, limit=args.limit,
-                       progress=not args.no_progress)
+    items = load_tasks(args.tasks)[: args.limit]  # bad task files fail before the model loads
+    prior = share(lambda: read_results(args.out))  # process 0's results file: what every process skips
+    done = {r["id"] for r in prior}
+    model = _load(args) if any(it["id"] not in done for it in items) else None  # all done: just summarize
+    main = is_main_process()
+    s = evaluate_tasks(model, args.tasks, args.out if main else None, prior=prior,
+                       reasoning_effort=args.reasoning_effort, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, temperature=args.temperature, seed=args.seed, limit=args.limit,
+                       progress=not args.no_progress and main)
     print(format_summary(s))
-    summary = {k: v for k, v in s.items() if k != "results"}
-    summary.update(tasks=str(args.tasks), checkpoint=str(args.checkpoint), results_file=str(args.out))
-    Path(str(args.out) + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        summary = {k: v for k, v in s.items() if k != "results"}
+        summary.update(tasks=str(args.tasks), checkpoint=str(args.checkpoint), results_file=str(args.out))
+        Path(str(args.out) + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def format_summary(s: dict) -> str:

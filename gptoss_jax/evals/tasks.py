@@ -247,18 +247,22 @@ def summarize(results: Sequence[dict]) -> dict:
 def evaluate_tasks(model, tasks: str | os.PathLike | Sequence[dict], out: str | os.PathLike | None = None, *,
                    reasoning_effort: str = "low", max_new_tokens: int = 256, batch_size: int = 8,
                    temperature: float = 0.0, seed: int = 0, system: str | None = None,
-                   generate_fn: GenerateFn | None = None, progress: bool = True, limit: int | None = None) -> dict:
+                   generate_fn: GenerateFn | None = None, progress: bool = True, limit: int | None = None,
+                   prior: Sequence[dict] | None = None) -> dict:
     """Evaluate `model` on the tasks; returns `summarize(...)` of every task's result plus "results" (per item, in
     task order) and the settings. With `out`, results are appended there per batch and ids already in it are not
-    run again. `generate_fn(prompts) -> completions` replaces the model's generation (tests, other engines);
-    `model` may then be None (as it may when every task already has a result in `out`)."""
+    run again. `prior`: the results already known, instead of those read from `out` (a multi-process job: process
+    0's file, on every process). `generate_fn(prompts) -> completions` replaces the model's generation (tests,
+    other engines); `model` may then be None (as it may when every task already has a result)."""
     items = load_tasks(tasks) if isinstance(tasks, (str, os.PathLike)) else [
         check_item(t, f"tasks[{i}]") for i, t in enumerate(tasks)]
     if limit is not None:
         items = items[:limit]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    done = {r["id"]: r for r in read_results(out)} if out is not None else {}
+    if prior is None:
+        prior = read_results(out) if out is not None else []
+    done = {r["id"]: r for r in prior}
     todo = [it for it in items if it["id"] not in done]
     if generate_fn is None and todo:
         if model is None:

@@ -1,9 +1,15 @@
-"""`gptoss-jax serve` and `gptoss-jax batch` (registered by gptoss_jax.cli.build_parser via `add_parsers`)."""
+"""`gptoss-jax serve` and `gptoss-jax batch` (registered by gptoss_jax.cli.build_parser via `add_parsers`).
+
+Both take --mesh and the multi-host flags: the model is loaded onto the mesh and the engine's KV cache sharded
+over it. In a multi-process job process 0 serves HTTP (or reads --input and writes --output) and runs the
+engine's loop; the other processes follow its device operations (`Engine.follow`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from gptoss_jax.distributed import add_distributed_args
 
 DTYPES = ("bfloat16", "float32")
 
@@ -19,16 +25,20 @@ def _engine_args(p) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the checkpoint folder's name)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter and activation dtype")
+    add_distributed_args(p, mesh=True, mesh_help="the KV cache over the same mesh (slots over data x fsdp, kv "
+                                                 "heads over tensor); in a multi-process job process 0 runs the "
+                                                 "engine and the others follow its steps")
 
 
 def _engine(args, max_queue: int):
     import jax.numpy as jnp
 
     from gptoss_jax.checkpoint import load_model
+    from gptoss_jax.distributed import mesh_from_args
     from gptoss_jax.server.engine import Engine
 
     name = args.model_name or Path(args.checkpoint).resolve().name
-    model = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    model = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
     return Engine(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=max_queue,
                   prefill_chunk=args.prefill_chunk, model_name=name)
 
@@ -41,22 +51,34 @@ def cmd_serve(args) -> None:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key or os.environ.get("GPTOSS_API_KEY") or None
-    engine = _engine(args, args.max_queue).start()
-    app = create_app(engine, api_key=api_key, max_body_bytes=args.max_body_bytes)
-    print(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
-          f"({args.max_batch} slots x {args.max_seq_len} tokens; API key {'required' if api_key else 'off'})")
-    try:
+    engine = _engine(args, args.max_queue)
+    if not engine.leads:  # processes 1.. of a multi-process job: process 0 serves
+        engine.follow()
+        return
+    engine.start()
+    try:  # stopping the engine also releases the followers of a multi-process job
+        app = create_app(engine, api_key=api_key, max_body_bytes=args.max_body_bytes)
+        print(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots x "
+              f"{args.max_seq_len} tokens; API key {'required' if api_key else 'off'})")
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.stop()
 
 
 def cmd_batch(args) -> None:
+    from gptoss_jax.distributed import share
     from gptoss_jax.server.batch import run_batch
 
-    if not Path(args.input).is_file():
-        raise FileNotFoundError(f"--input {args.input}: no such file")
-    with _engine(args, max_queue=1 << 30) as engine:
+    def check_input():  # process 0 reads --input (and writes --output)
+        if not Path(args.input).is_file():
+            raise FileNotFoundError(f"--input {args.input}: no such file")
+
+    share(check_input)
+    engine = _engine(args, max_queue=1 << 30)
+    if not engine.leads:
+        engine.follow()
+        return
+    with engine:
         counts = run_batch(engine, args.input, args.output, progress=not args.no_progress)
     print(f"batch: {counts['done']} done, {counts['errors']} errors, {counts['skipped']} already in "
           f"{args.output} (skipped)")

@@ -14,6 +14,11 @@ its tokens the engine asks it for the allowed tokens, and the others' logits are
 The loop runs in one background thread; tokens are handed to each request's callback as soon as a step produces
 them. `cancel()` (a client that disconnected) frees the slot before the next step. Errors in a step fail the
 requests in that step and never stop the loop.
+
+A model sharded over a mesh (`load_model(..., mesh=...)`, `serve --mesh`) gets a KV cache sharded over the same
+mesh (slots over data x fsdp, kv heads over tensor), as `gj.generate` does. In a multi-process job process 0 runs
+the loop (and the HTTP server); every device operation it runs (prefill, decode, a fresh cache) is first sent to
+the other processes (`distributed.Channel`), which run the same operation on their devices' shards in `follow()`.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_jax import distributed
 from gptoss_jax.generate import PREFILL_CHUNK, _bucket
 from gptoss_jax.kvcache import KVCache
 from gptoss_jax.model import Transformer
+from gptoss_jax.sharding import mesh_of
 
 log = logging.getLogger("gptoss_jax.server")
 
@@ -234,7 +241,10 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self._graphdef, self._state = nnx.split(model)
         self._prefill, self._first, self._decode = engine_steps(self._graphdef)
-        self._cache = KVCache.create(cfg, max_batch, max_seq_len, model.dtype)
+        self._mesh = mesh_of(model)  # a sharded model: the cache sharded over the same mesh
+        # A multi-process job: process 0 leads (runs the loop), the others `follow()` its device operations.
+        self._channel = distributed.Channel("engine") if jax.process_count() > 1 else None
+        self._cache = self._new_cache()
         self._slots: list[GenRequest | None] = [None] * max_batch
         self._next = np.zeros(max_batch, np.int32)  # each slot's last sampled token (the next decode input)
         self._seed = np.zeros(max_batch, np.uint32)
@@ -253,7 +263,14 @@ class Engine:
         self.max_active_seen = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def leads(self) -> bool:
+        """Whether this process runs the loop: always, except on processes 1.. of a multi-process job."""
+        return self._channel is None or distributed.is_main_process()
+
     def start(self) -> Engine:
+        if not self.leads:
+            raise RuntimeError(f"process {jax.process_index()} follows process 0's engine: call follow()")
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="gptoss-engine", daemon=True)
             self._thread.start()
@@ -261,11 +278,27 @@ class Engine:
 
     def stop(self) -> None:
         with self._cond:
-            self._stop = True
+            stopped, self._stop = self._stop, True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._channel is not None and self.leads and not stopped:
+            self._channel.send(("stop", ()))  # the followers return from follow()
+
+    def follow(self) -> None:
+        """Processes 1.. of a multi-process job: run process 0's device operations, in its order, on this
+        process's shards, until it stops its engine."""
+        if self.leads:
+            raise RuntimeError("follow() is for processes 1.. of a multi-process job; process 0 calls start()")
+        while True:
+            op, args = self._channel.recv()
+            if op == "stop":
+                return
+            try:
+                getattr(self, "_op_" + op)(*args)
+            except Exception:  # noqa: BLE001 - process 0's step failed alike; it sends a fresh cache if needed
+                log.exception("engine step failed (following process 0)")
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -383,7 +416,51 @@ class Engine:
         try:
             jax.block_until_ready(self._cache.lengths)
         except Exception:  # noqa: BLE001
-            self._cache = KVCache.create(self.config, self.max_batch, self.max_seq_len, self.model.dtype)
+            self._device("reset")
+
+    # ---- device operations: process 0 sends each to the followers, then runs it -----------------------------
+    def _device(self, op: str, *args):
+        if self._channel is not None:
+            self._channel.send((op, args))
+        return getattr(self, "_op_" + op)(*args)
+
+    def _new_cache(self) -> KVCache:
+        if self._mesh is None:
+            return KVCache.create(self.config, self.max_batch, self.max_seq_len, self.model.dtype)
+        return KVCache.create_sharded(self.config, self.max_batch, self.max_seq_len, self.model.dtype, self._mesh)
+
+    def _op_reset(self) -> None:
+        self._cache = self._new_cache()
+
+    def _device_mask(self, n: int, packed: np.ndarray | None) -> jax.Array:
+        """The [n, vocab] allowed-token mask on the devices: a cached all-True array for None."""
+        if packed is not None:
+            return self._replicated(np.unpackbits(packed, axis=-1, count=self.vocab_size).astype(bool))
+        if n not in self._free_mask:
+            self._free_mask[n] = self._replicated(np.ones((n, self.vocab_size), bool))
+        return self._free_mask[n]
+
+    def _replicated(self, x: np.ndarray) -> jax.Array:
+        if self._mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec()))
+
+    def _op_admit(self, rows, padded, lengths, chunk, seed, temp, top_p, mask) -> np.ndarray:
+        """Prefill rows `rows` with `padded` prompts (their first `lengths` tokens), chunk by chunk; the first
+        tokens."""
+        R = len(rows)
+        h = np.zeros((R, self.config.hidden_size), self.model.dtype)
+        for c in range(0, padded.shape[1], chunk):
+            n = np.clip(lengths - c, 0, chunk).astype(np.int32)
+            self._cache, h = self._prefill(self._state, self._cache, rows, np.full((R,), c == 0),
+                                           padded[:, c: c + chunk], n, h)
+        return distributed.to_host(self._first(self._state, h, seed, lengths, temp, top_p,
+                                               self._device_mask(R, mask)))
+
+    def _op_decode(self, inputs, active, reset, emits, seed, temp, top_p, mask) -> np.ndarray:
+        self._cache, tokens = self._decode(self._state, self._cache, inputs, active, reset, emits, seed, temp,
+                                           top_p, self._device_mask(len(inputs), mask))
+        return distributed.to_host(tokens)
 
     def _finish(self, req: GenRequest, reason: str | None, error: str | None = None) -> None:
         if req.finished:
@@ -396,21 +473,19 @@ class Engine:
                 log.exception("on_finish callback failed")
         req.done.set()
 
-    def _mask(self, reqs: Sequence[GenRequest | None]) -> jax.Array:
-        """The allowed-token mask for these rows: a cached all-True device array unless a row is constrained."""
+    def _mask(self, reqs: Sequence[GenRequest | None]) -> np.ndarray | None:
+        """The allowed-token mask for these rows, bit-packed along the vocabulary (`_device_mask` unpacks it);
+        None (every token allowed) unless a row is constrained."""
         masks = [r.constraint.allowed() if r is not None and r.constraint is not None else None for r in reqs]
         if all(m is None for m in masks):
-            n = len(reqs)
-            if n not in self._free_mask:
-                self._free_mask[n] = jnp.ones((n, self.vocab_size), bool)
-            return self._free_mask[n]
+            return None
         out = np.ones((len(reqs), self.vocab_size), bool)
         for i, m in enumerate(masks):
             if m is not None:
                 if not m.any():  # a constraint with nothing allowed would sample garbage: fail loudly instead
                     raise RuntimeError("a constraint allowed no token")
                 out[i] = m
-        return jnp.asarray(out)
+        return np.packbits(out, axis=-1)
 
     def _admit(self, slots: list[int]) -> None:
         """Prefill the new requests in `slots` together and sample their first tokens."""
@@ -427,21 +502,13 @@ class Engine:
         rows[: len(slots)] = slots
         all_lengths = np.zeros(R, np.int32)
         all_lengths[: len(slots)] = lengths
-        h = jnp.zeros((R, self.config.hidden_size), self.model.dtype)
-        rows_j = jnp.asarray(rows)
-        for c in range(0, width, chunk):
-            n = np.clip(all_lengths - c, 0, chunk).astype(np.int32)
-            fresh = jnp.full((R,), c == 0)
-            self._cache, h = self._prefill(self._state, self._cache, rows_j, fresh,
-                                           jnp.asarray(padded[:, c: c + chunk]), jnp.asarray(n), h)
         seed = np.zeros(R, np.uint32)
         temp = np.zeros(R, np.float32)
         top_p = np.ones(R, np.float32)
         for i, r in enumerate(reqs):
             seed[i], temp[i], top_p[i] = r.seed % (1 << 32), r.temperature, r.top_p
         mask = self._mask(list(reqs) + [None] * (R - len(reqs)))
-        tokens = np.asarray(self._first(self._state, h, jnp.asarray(seed), jnp.asarray(all_lengths),
-                                        jnp.asarray(temp), jnp.asarray(top_p), mask))
+        tokens = self._device("admit", rows, padded, all_lengths, chunk, seed, temp, top_p, mask)
         for i, b in enumerate(slots):
             r = reqs[i]
             r.fed = len(r.prompt)
@@ -467,11 +534,8 @@ class Engine:
         mask = self._mask([r if e else None for r, e in zip(reqs, emits)])
         # Rows whose sample is discarded (mid-prompt) decode greedily: a step of only those draws nothing.
         temp = np.where(emits, self._temp[:R], 0).astype(np.float32)
-        self._cache, tokens = self._decode(self._state, self._cache, jnp.asarray(inputs), jnp.asarray(active),
-                                           jnp.asarray(reset), jnp.asarray(np.asarray(emits)),
-                                           jnp.asarray(self._seed[:R]), jnp.asarray(temp),
-                                           jnp.asarray(self._top_p[:R]), mask)
-        tokens = np.asarray(tokens)
+        tokens = self._device("decode", inputs, active, reset, np.asarray(emits), self._seed[:R].copy(), temp,
+                              self._top_p[:R].copy(), mask)
         self.steps += 1
         for b, r in enumerate(reqs):
             if r is not None and emits[b] and self._slots[b] is r:

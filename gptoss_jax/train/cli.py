@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from gptoss_jax.config import REMAT_MODES
+from gptoss_jax.distributed import add_distributed_args
 from gptoss_jax.train.config import FinetuneConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
@@ -53,14 +54,22 @@ def add_parser(sub) -> None:
                         "of the cost; the export writes the full vocabulary back")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboardX)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_args(p, mesh=True,
+                         mesh_help="the optimizer state alike, each batch's rows split over data x fsdp (in a "
+                                   "multi-process job each process reads its share of the rows; the run folder "
+                                   "must be one folder all see, e.g. NFS or GCS, for the checkpoints). A run "
+                                   "may resume on another mesh")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
+    from gptoss_jax.distributed import mesh_from_args
+
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
+    mesh = mesh_from_args(args)  # a bad --mesh fails before the run folder is touched
     from gptoss_jax.train.trainer import finetune
 
     cfg = FinetuneConfig(**values, progress=not args.no_progress)
-    metrics = finetune(cfg)
+    metrics = finetune(cfg, mesh=mesh)
     print(f"done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; run folder {cfg.out}")

@@ -5,6 +5,12 @@ A run lives in one folder: `run.json` (its configuration), `model_config.json`, 
 orbax writes each checkpoint under a temporary name and renames it only once complete, so a run killed at any
 moment, even mid-save, resumes from the newest complete checkpoint; the resumed run repeats the same data in the
 same order and computes the same numbers.
+
+With a mesh (`finetune(cfg, mesh=...)`, `gptoss-jax finetune --mesh`) parameters and optimizer state are sharded
+by the logical-axis table and each batch's rows are split over data x fsdp. In a multi-process job every process
+reads its share of each batch's rows; process 0 alone checks and writes the run's files (run.json, the model
+config, the compact vocabulary, metrics.jsonl, TensorBoard) while every process takes part in orbax's checkpoint
+writes, into one folder they all see.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gptoss_jax.checkpoint import load_model
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.distributed import is_main_process, share
 from gptoss_jax.model import Transformer, init_model
 from gptoss_jax.sharding import logical_sharding, mesh_of
 from gptoss_jax.train.config import RESUMABLE_FIELDS, RUN_FILE, FinetuneConfig, RunError
@@ -47,7 +55,7 @@ class Run:
         self.cfg = cfg
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._check_config()
+        share(self._check_config)  # process 0 checks and writes run.json; its verdict reaches every process
         self.manager = ocp.CheckpointManager(
             (self.dir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True),
@@ -84,7 +92,10 @@ class Run:
         return got.state["params"], got.state["opt"], got.meta
 
     def metrics_log(self, upto_step: int):
-        """metrics.jsonl opened for appending, with lines past `upto_step` (from a killed run) removed."""
+        """metrics.jsonl opened for appending, with lines past `upto_step` (from a killed run) removed (on
+        process 0; the others write nowhere)."""
+        if not is_main_process():
+            return open(os.devnull, "w")  # noqa: SIM115
         path = self.dir / METRICS_FILE
         if path.exists():
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= upto_step]
@@ -144,11 +155,15 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
     tied_rows = 0
     if cfg.compact_vocab:
         vocab = CompactVocab.of([ex.tokens for ex in examples + eval_examples], model.config.vocab_size)
-        saved = CompactVocab.load(run.dir)
-        if saved is not None and saved != vocab:
-            raise RunError(f"{run.dir / VOCAB_FILE}: the run's vocabulary differs from the data's tokens now "
-                           f"({len(saved.used)} vs {len(vocab.used)} tokens); the data files changed")
-        vocab.save(run.dir)
+
+        def check_and_save():
+            saved = CompactVocab.load(run.dir)
+            if saved is not None and saved != vocab:
+                raise RunError(f"{run.dir / VOCAB_FILE}: the run's vocabulary differs from the data's tokens now "
+                               f"({len(saved.used)} vs {len(vocab.used)} tokens); the data files changed")
+            vocab.save(run.dir)
+
+        share(check_and_save)
         model = compact(model, vocab)
         examples, eval_examples = ([dataclasses.replace(ex, tokens=vocab.encode(ex.tokens)) for ex in exs]
                                    for exs in (examples, eval_examples))
@@ -158,7 +173,8 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
         eval_rows = pack(eval_examples, cfg.seq_len)
     mesh = mesh or mesh_of(model)
     model_cfg: ModelConfig = model.config
-    (run.dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+    if is_main_process():
+        (run.dir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
 
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, weight_decay=cfg.weight_decay,
@@ -182,7 +198,8 @@ def _train(run: Run, cfg: FinetuneConfig, model: Transformer | None, mesh) -> di
     writer = _tensorboard(run.dir) if cfg.tensorboard else None
     print(f"fine-tuning {cfg.checkpoint}: {stats.summary()}; {len(stream.epoch_rows(0))} packed rows of "
           f"{cfg.seq_len} per epoch; {'resuming at step ' + str(step) if step else 'from step 0'}")
-    bar = tqdm(total=cfg.steps, initial=step, desc="finetune", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="finetune", unit="step",
+               disable=not (cfg.progress and is_main_process()))
     metrics: dict = {}
     try:
         while step < cfg.steps:
@@ -226,7 +243,7 @@ def _tensorboard(folder: Path):
         from tensorboardX import SummaryWriter
     except ImportError:
         raise RunError("--tensorboard needs the tensorboardX package (pip install tensorboardX)") from None
-    return SummaryWriter(str(folder / "tensorboard"))
+    return SummaryWriter(str(folder / "tensorboard")) if is_main_process() else None
 
 
 def load_run(folder: str | Path, dtype=jnp.bfloat16) -> Transformer:
