@@ -27,9 +27,6 @@ from gptoss_kernels.moe import expert_loop_matmul_xla, grouped_matmul_xla, rowwi
 from gptoss_kernels.moe_pallas import grouped_matmul_pallas, grouped_matmul_swiglu_pallas
 
 KERNELS_ENV = "GPTOSS_KERNELS"
-# A KV-cache chunk of at most this many queries per row takes the decode-attention kernel; longer chunks (chunked
-# prefill) take the twin: the flash kernel covers whole sequences only.
-DECODE_KERNEL_MAX_QUERIES = 16
 
 # XLA:CPU rewrites a matrix-vector dot into one loop fusion that reads the matrix once, on both cores, with any
 # elementwise producer (a bf16 -> f32 convert, an MXFP4 decode) fused in, but only while the contracted length
@@ -166,20 +163,20 @@ def attention(q_BTKGH, k_BSKH, v_BSKH, sinks_KG, *, window: int, sm_scale: float
     """Causal attention with sinks and an optional sliding window; [B, T, K, G, H].
 
     Without positions: a whole sequence from position 0 (the flash kernel), optionally packed (`segment_ids_BT`:
-    queries see their own segment only; the flash kernel takes them on TPU, elsewhere the twin does). With
-    positions: queries against a KV cache's slots, whose position is -1 when empty (the decode kernel, for up to
-    DECODE_KERNEL_MAX_QUERIES queries a row).
+    queries see their own segment only). With positions: queries against a KV cache's slots, whose position is -1
+    when empty (the cache kernel: one decode token or a prefill chunk of any length, tiled, never a [chunk, cache]
+    score matrix).
     """
     impl, interpret, backend = implementation(kernels, q_BTKGH)
     kw = dict(window=window, sm_scale=sm_scale, interpret=interpret, backend=backend)
-    if impl == "pallas" and q_pos_BT is None and (segment_ids_BT is None or backend == "tpu"):
+    if impl == "pallas" and q_pos_BT is None:
         if segment_ids_BT is None:
             return _per_device(lambda q, k, v, s: flash_attention(q, k, v, s, **kw),
                                (q_BTKGH, k_BSKH, v_BSKH, sinks_KG), (_Q_AXES, _KV_AXES, _KV_AXES, _SINK_AXES))
         return _per_device(lambda q, k, v, s, seg: flash_attention(q, k, v, s, segment_ids_BT=seg, **kw),
                            (q_BTKGH, k_BSKH, v_BSKH, sinks_KG, segment_ids_BT),
                            (_Q_AXES, _KV_AXES, _KV_AXES, _SINK_AXES, _POS_AXES))
-    if impl == "pallas" and q_pos_BT is not None and q_BTKGH.shape[1] <= DECODE_KERNEL_MAX_QUERIES:
+    if impl == "pallas":
         return _per_device(lambda q, k, v, s, qp, kp: decode_attention(q, k, v, s, q_pos_BT=qp, k_pos_BS=kp, **kw),
                            (q_BTKGH, k_BSKH, v_BSKH, sinks_KG, q_pos_BT, k_pos_BS),
                            (_Q_AXES, _KV_AXES, _KV_AXES, _SINK_AXES, _POS_AXES, _POS_AXES))

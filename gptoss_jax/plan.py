@@ -17,16 +17,16 @@ Activations are an estimate (what is live at the peak, from the model's shapes, 
 - inference: one prefill chunk (`generate` prefills at most 512 tokens a step) of the batch through one layer:
   the residual stream in and out, the qkv projection and attention output, the routed expert rows (the MoE's
   sorted copies of the tokens, the first matmul's float32 output and SwiGLU activation, the second's float32
-  output), the router logits, plus the last tokens' float32 logits; and attention's [chunk, cache] scores,
-  because chunks longer than 16 queries run the XLA attention twin on every backend;
+  output), the router logits, plus the last tokens' float32 logits (attention over the cache is a tiled kernel
+  on TPU and GPU: no [chunk, cache] scores);
 - training: the whole sequence, each layer rematerialized (the trainer's default `remat="full"`): the residual
   stream saved at every layer, one layer's forward intermediates and their cotangents (2x the inference working
   set at the full length), the final hidden states and their cotangent, and one 1024-token chunk of float32
-  logits with its gradient (the trainer's chunked loss). Attention on TPU is the splash kernel (no [T, T]
-  scores); on GPU, packed training rows (segment ids) run the XLA twin, whose [T, T] float32 scores, softmax and
-  their cotangents are counted for the GPU target only.
+  logits with its gradient (the trainer's chunked loss). Attention is a flash kernel on TPU and GPU (no [T, T]
+  scores).
 The update step's per-leaf float32 temporaries and XLA's own workspace are not counted: the verdict says "fits"
-only below 90% of a device's memory.
+only below 90% of a device's memory. `plan --compile TARGET` (`gptoss_jax.aot`) puts the compiler's own figures
+for the real steps beside this estimate.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from jax.sharding import AbstractMesh, Mesh
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.generate import PREFILL_CHUNK  # generate's longest prefill chunk
-from gptoss_jax.ops import DECODE_KERNEL_MAX_QUERIES  # longer KV-cache chunks run the XLA attention twin
 from gptoss_jax.sharding import MESH_AXES, logical_sharding, parse_mesh, variable_shardings
 
 GiB = 1 << 30
@@ -55,14 +54,13 @@ class Target:
     name: str
     devices: int
     bytes_per_device: int
-    backend: str  # "tpu" | "gpu": which attention runs (see the module docstring)
 
 
 # A TPU v5p-8 is 8 TensorCores = 4 chips (2 cores per chip, one JAX device each); a v5e-8 is 8 chips.
 TARGETS = (
-    Target("TPU v5e-8", 8, 16 * GiB, "tpu"),
-    Target("TPU v5p-8", 4, 95 * GiB, "tpu"),
-    Target("8xH100", 8, 80 * GiB, "gpu"),
+    Target("TPU v5e-8", 8, 16 * GiB),
+    Target("TPU v5p-8", 4, 95 * GiB),
+    Target("8xH100", 8, 80 * GiB),
 )
 
 
@@ -80,8 +78,7 @@ class MemoryPlan:
     grads: int
     optimizer: int
     kv_cache: int
-    activations: int  # with attention in kernels
-    attention_scores: dict[str, int]  # backend -> extra bytes where attention runs the XLA twin
+    activations: int
     params_global: int  # all parameters, unsharded
     parts: dict[str, dict[str, int]]
 
@@ -89,14 +86,14 @@ class MemoryPlan:
     def devices(self) -> int:
         return math.prod(self.mesh.values())
 
-    def total(self, backend: str = "tpu") -> int:
-        return (self.params + self.grads + self.optimizer + self.kv_cache + self.activations
-                + self.attention_scores.get(backend, 0))
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.kv_cache + self.activations
 
     def verdict(self, target: Target) -> str:
         if target.devices != self.devices:
             return f"n/a: {target.devices} devices, the mesh has {self.devices}"
-        need = self.total(target.backend)
+        need = self.total
         free = (target.bytes_per_device - need) / GiB
         if need <= FITS * target.bytes_per_device:
             return f"fits ({free:.1f} GiB free)"
@@ -106,7 +103,7 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["total"] = {b: self.total(b) for b in ("tpu", "gpu")}
+        out["total"] = self.total
         out["verdicts"] = {t.name: self.verdict(t) for t in TARGETS}
         return out
 
@@ -183,8 +180,8 @@ def cache_length(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def _activation_parts(cfg: ModelConfig, mesh, batch: int, seq_len: int, train: bool, dtype,
-                      cache_len: int) -> tuple[dict[str, int], dict[str, int]]:
-    """(activation terms with attention in kernels, extra bytes per backend where it runs the XLA twin)."""
+                      cache_len: int) -> dict[str, int]:
+    """The activation terms (name -> bytes on one device)."""
     B, D, V, E, F = batch, cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
     k, N, K, G = cfg.experts_per_token, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.q_per_kv
     T = seq_len if train else min(seq_len, PREFILL_CHUNK)
@@ -205,13 +202,10 @@ def _activation_parts(cfg: ModelConfig, mesh, batch: int, seq_len: int, train: b
         + b(("batch", "sequence", "expert_mlp"), (B, T * k, F), f32)
         + b(("batch", "sequence", "act_embed"), (B, T * k, D), f32),
     }
-    score_axes = ("batch", "kv_heads", "heads", "sequence", "sequence")  # [B, K, G, T, S] in the twin
     if not train:
         parts = {f"one layer, prefill chunk of {T}: {n}": v for n, v in layer.items()}
         parts["last-token logits (f32)"] = b(("batch", "vocab"), (B, V), f32)
-        # full layers' scores (f32) and probabilities (activation dtype) over the cache (sliding layers: 128 + chunk)
-        scores = 0 if T <= DECODE_KERNEL_MAX_QUERIES else b(score_axes, (B, K, G, T, cache_len), f32 + act)
-        return parts, {"tpu": scores, "gpu": scores}
+        return parts
     from gptoss_jax.train.step import LOSS_CHUNK  # the trainer's loss: [chunk, vocab] logits at a time
 
     chunk = min(LOSS_CHUNK, B * T)
@@ -221,9 +215,7 @@ def _activation_parts(cfg: ModelConfig, mesh, batch: int, seq_len: int, train: b
         "final hidden states + cotangent": 2 * residual,
         f"loss: one {chunk}-token chunk of f32 logits + gradient": 2 * b(("sequence", "vocab"), (chunk, V), f32),
     }
-    # GPU: the XLA twin with segment ids, one layer at a time: scores and probabilities, and their cotangents
-    scores = 2 * b(score_axes, (B, K, G, T, T), f32 + act)
-    return parts, {"tpu": 0, "gpu": scores}
+    return parts
 
 
 def plan(model: str | ModelConfig, mesh: Mapping[str, int] | str, batch: int, seq_len: int, train: bool = False,
@@ -257,11 +249,11 @@ def plan(model: str | ModelConfig, mesh: Mapping[str, int] | str, batch: int, se
         cache_len = cache_length(cfg, seq_len)
         parts["kv_cache"] = {f: _shard_bytes(x) for f, x in kv_cache_shapes(cfg, batch, cache_len, am, dtype).items()}
         kv = sum(parts["kv_cache"].values())
-    parts["activations"], scores = _activation_parts(cfg, am, batch, seq_len, train, dtype, cache_len)
+    parts["activations"] = _activation_parts(cfg, am, batch, seq_len, train, dtype, cache_len)
     return MemoryPlan(
         model=name, mesh=sizes, batch=batch, seq_len=seq_len, train=train, cache_len=cache_len,
         params=sum(parts["params"].values()), grads=grads, optimizer=optimizer, kv_cache=kv,
-        activations=sum(parts["activations"].values()), attention_scores=scores,
+        activations=sum(parts["activations"].values()),
         params_global=sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in params.values()),
         parts=parts)
 
@@ -279,17 +271,7 @@ def format_plan(p: MemoryPlan, details: bool = False) -> str:
     else:
         lines += [f"| KV cache | {p.kv_cache / GiB:.2f} |"]
     lines += [f"| activations (estimate) | {p.activations / GiB:.2f} |"]
-    twin = "prefill chunks, all backends" if not p.train else "GPU: packed rows run the XLA twin"
-    if any(p.attention_scores.values()):
-        if p.attention_scores["tpu"] == p.attention_scores["gpu"]:
-            lines += [f"| attention scores ({twin}) | {p.attention_scores['gpu'] / GiB:.2f} |"]
-        else:
-            lines += [f"| attention scores ({twin}) | TPU {p.attention_scores['tpu'] / GiB:.2f}, "
-                      f"GPU {p.attention_scores['gpu'] / GiB:.2f} |"]
-    totals = {b: p.total(b) for b in ("tpu", "gpu")}
-    lines += ([f"| **total** | **{totals['tpu'] / GiB:.2f}** |"] if totals["tpu"] == totals["gpu"] else
-              [f"| **total, TPU** | **{totals['tpu'] / GiB:.2f}** |",
-               f"| **total, GPU** | **{totals['gpu'] / GiB:.2f}** |"])
+    lines += [f"| **total** | **{p.total / GiB:.2f}** |"]
     lines += ["", f"All parameters, unsharded: {p.params_global / GiB:.2f} GiB.", "",
               "| target | devices | memory per device | verdict |", "|---|---:|---:|---|"]
     lines += [f"| {t.name} | {t.devices} | {t.bytes_per_device // GiB} GiB | {p.verdict(t)} |" for t in TARGETS]
@@ -305,14 +287,13 @@ def format_targets(plans: list[tuple[Target, MemoryPlan]]) -> str:
     what = "full fine-tuning" if p0.train else "inference"
     lines = [f"gpt-oss-{p0.model}, {what}, batch {p0.batch} x {p0.seq_len} tokens; GiB per device", "",
              "| target | mesh | parameters | " + ("gradients | optimizer" if p0.train else "KV cache")
-             + " | activations | attention scores | total | verdict |",
-             "|---|---|---:|---:|" + ("---:|" if p0.train else "") + "---:|---:|---:|---|"]
+             + " | activations | total | verdict |",
+             "|---|---|---:|---:|" + ("---:|" if p0.train else "") + "---:|---:|---|"]
     for t, p in plans:
         mesh = ",".join(f"{a}={n}" for a, n in p.mesh.items() if n > 1) or "one device"
         state = f"{p.grads / GiB:.2f} | {p.optimizer / GiB:.2f}" if p.train else f"{p.kv_cache / GiB:.2f}"
         lines.append(f"| {t.name} ({t.devices} x {t.bytes_per_device // GiB} GiB) | {mesh} | {p.params / GiB:.2f} | "
-                     f"{state} | {p.activations / GiB:.2f} | {p.attention_scores[t.backend] / GiB:.2f} | "
-                     f"{p.total(t.backend) / GiB:.2f} | {p.verdict(t)} |")
+                     f"{state} | {p.activations / GiB:.2f} | {p.total / GiB:.2f} | {p.verdict(t)} |")
     return "\n".join(lines)
 
 
@@ -396,19 +377,18 @@ def _cmd_compile(args) -> None:
 def format_compiled(compiled: dict, estimate: MemoryPlan) -> str:
     """The compiler's per-device bytes of each step next to the estimate, with a verdict against the device."""
     hbm = compiled["hbm_bytes"]
-    backend = "gpu" if compiled["device_kind"].startswith("NVIDIA") else "tpu"
     lines = [f"Compiled for {compiled['target']} ({compiled['device_kind']}, {hbm / GiB:.2f} GiB per device); "
              f"GiB per device:", "",
              "| step | arguments | outputs | temporaries | aliased | total | estimate | kernel calls | compile s "
              "| verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in compiled["steps"].items():
         if not s["ok"]:
-            lines.append(f"| {name} | | | | | | {estimate.total(backend) / GiB:.2f} | | {s['seconds']} | "
+            lines.append(f"| {name} | | | | | | {estimate.total / GiB:.2f} | | {s['seconds']} | "
                          f"does not compile: {s['error']} |")
             continue
         free = (hbm - s["total_bytes"]) / GiB
         verdict = f"fits ({free:.2f} GiB free)" if s["fits"] else f"does not fit ({-free:.2f} GiB over)"
         lines.append(f"| {name} | {s['argument_bytes'] / GiB:.2f} | {s['output_bytes'] / GiB:.2f} | "
                      f"{s['temp_bytes'] / GiB:.2f} | {s['alias_bytes'] / GiB:.2f} | {s['total_bytes'] / GiB:.2f} | "
-                     f"{estimate.total(backend) / GiB:.2f} | {s['kernel_calls']} | {s['seconds']} | {verdict} |")
+                     f"{estimate.total / GiB:.2f} | {s['kernel_calls']} | {s['seconds']} | {verdict} |")
     return "\n".join(lines)

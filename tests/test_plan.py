@@ -86,7 +86,7 @@ def test_training_state_kv_cache_and_activations():
     n = expected_param_bytes(24, 32, fsdp=4, dense=True) // 2  # bf16 trainable parameters on one device
     assert t.grads == 6 * n  # float32 accumulator + bf16 micro-batch gradient
     assert 0 < t.optimizer - 8 * n <= 64  # the trainer's AdamW: float32 mu and nu, and its step counters
-    assert t.kv_cache == 0 and t.attention_scores["tpu"] == 0 < t.attention_scores["gpu"]
+    assert t.kv_cache == 0
     # batch 8 over data x fsdp = 8: one sequence per device; 24 saved [4096, 2880] bf16 layer inputs
     saved = [v for k, v in t.parts["activations"].items() if k.startswith("saved residual")]
     assert saved == [24 * 4096 * D * 2]
@@ -96,7 +96,7 @@ def test_training_state_kv_cache_and_activations():
     # K/V [layers/2, batch / fsdp, slots, kv heads / tensor, 64] bf16, twice (k and v), full + ring layers
     assert i.kv_cache == 2 * 12 * (4 // 2) * (4096 + 128) * (8 // 4) * 64 * 2 + (4 // 2) * 4
     assert i.grads == i.optimizer == 0 and i.activations > 0
-    assert i.total("tpu") == i.params + i.kv_cache + i.activations + i.attention_scores["tpu"]
+    assert i.total == i.params + i.kv_cache + i.activations
 
 
 def test_verdicts():
@@ -106,7 +106,7 @@ def test_verdicts():
     big = plan("20b", {"fsdp": 8}, batch=8, seq_len=4096, train=True)
     assert big.verdict(TARGETS[0]).startswith("does not fit")  # 20b fine-tuning needs > 16 GiB a chip
     assert big.verdict(TARGETS[2]).startswith("fits")
-    fake = MemoryPlan("x", parse_mesh("fsdp=8"), 1, 1, False, 0, int(15 * GiB), 0, 0, 0, 0, {}, 0, {})
+    fake = MemoryPlan("x", parse_mesh("fsdp=8"), 1, 1, False, 0, int(15 * GiB), 0, 0, 0, 0, 0, {})
     assert fake.verdict(TARGETS[0]).startswith("tight")  # 15 of 16 GiB: under 10% headroom
 
 
@@ -136,5 +136,5 @@ def test_cli_summary_over_the_targets(capsys):
     assert set(rows) == {"TPU v5e-8 (8 x 16 GiB)", "TPU v5p-8 (4 x 95 GiB)", "8xH100 (8 x 80 GiB)"}
     assert "| fsdp=8 |" in rows["TPU v5e-8 (8 x 16 GiB)"] and "does not fit" in rows["TPU v5e-8 (8 x 16 GiB)"]
     assert "| fsdp=4 |" in rows["TPU v5p-8 (4 x 95 GiB)"]
-    total = plan("20b", {"fsdp": 8}, batch=8, seq_len=2048, train=True).total("gpu")
+    total = plan("20b", {"fsdp": 8}, batch=8, seq_len=2048, train=True).total
     assert f"| {total / GiB:.2f} | fits" in rows["8xH100 (8 x 80 GiB)"]

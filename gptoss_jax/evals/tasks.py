@@ -336,9 +336,3 @@ def _model_generate(model, *, max_new_tokens: int, temperature: float, seed: int
                         stop_tokens=stops)[:n]
 
     return run
-
-
-def pending_ids(tasks: str | os.PathLike, out: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """The ids of the task file (first `limit`) that have no result in `out` yet."""
-    done = {r["id"] for r in read_results(out)}
-    return [it["id"] for it in load_tasks(tasks)[:limit] if it["id"] not in done]
