@@ -90,7 +90,7 @@ def _match_param_shardings(opt, params, mesh):
     """The optimizer state sharded as the trainer's is: AdamW's moments (whose paths end with a parameter's path)
     like their parameter, everything else (the step count) replicated."""
     by_path = {tuple(map(str, path)): leaf.sharding for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    lengths = sorted({len(p) for p in by_path})
+    lengths = sorted({len(p) for p in by_path}, reverse=True)  # the longest match: blocks/.../norm before norm
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(path, x):
