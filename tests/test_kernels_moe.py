@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from gptoss_kernels.moe import grouped_matmul_swiglu_xla, grouped_matmul_xla
-from gptoss_kernels.moe_pallas import grouped_matmul_pallas, grouped_matmul_swiglu_pallas, work_items
+from gptoss_kernels.moe_pallas import (grouped_matmul_pallas, grouped_matmul_swiglu_pallas, tpu_weight_layout,
+                                      work_items)
 from gptoss_kernels.mxfp4 import Packed, dequantize
 
 E, M, K, N = 5, 37, 64, 64  # M is no multiple of the 16-row tile used below
@@ -168,6 +169,53 @@ def test_swiglu_epilogue_matches_twin(backend):
         assert err <= 1e-4 * float(jnp.max(jnp.abs(r))), f"{name}: {err}"
 
 
+N_WIDE, TILE_N_WIDE = 640, 256  # three N tiles of 256 columns, the last clipped to 128
+
+
+@pytest.mark.parametrize("backend,layout", [("tpu", "nk"), ("tpu", "kn"), ("gpu", None)])
+@pytest.mark.parametrize("kind", ["mxfp4", "dense_f32"])
+def test_wide_tiles_match_twin(backend, layout, kind):
+    """N = 640 in several tiles. TPU: the kernels reading the weights row-major ("nk") and transposed ("kn": how a
+    TPU stores gpt-oss's codes, so that they are read without a copy), in 256-column tiles: the SwiGLU's lane
+    gathers over whole pairs of 128-lane vregs, and a clipped last N tile whose garbage must stay out of every
+    result. GPU: ten 64-column tiles of the dense dW kernel. Forward (plain and SwiGLU), dx, dW and dbias against
+    the twin."""
+    rng = np.random.default_rng(5)
+    w = make_weights(kind, rng, n=N_WIDE, scales=(122, 126))
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((E, N_WIDE)), jnp.float32)
+    gs = jnp.asarray(GROUPS["ragged"], jnp.int32)
+    opts = dict(tile_m=TILE_M, tile_n=TILE_N_WIDE, backend=backend, interpret=True, weight_layout=layout)
+    plain = functools.partial(grouped_matmul_pallas, **opts)
+    fused = functools.partial(grouped_matmul_swiglu_pallas, alpha=ALPHA, limit=LIMIT, **opts)
+    fref = functools.partial(grouped_matmul_swiglu_xla, alpha=ALPHA, limit=LIMIT)
+    dense = kind != "mxfp4"
+    ct = jnp.asarray(rng.standard_normal((M, N_WIDE)), jnp.float32)
+
+    out, act, got = jax.jit(lambda x, w, b: (plain(x, gs, w, b), fused(x, gs, w, b),
+                                             grads(plain, x, gs, w, b, ct, dense)))(x, w, b)
+    mag = magnitude(x, gs, w, b)
+    assert_within(out, twin(x, gs, w, b), mag, 2 * (K + 1) * 2.0**-24, "plain")
+    assert act.shape == (M, N_WIDE // 2) and np.all(np.asarray(act)[sum(GROUPS["ragged"]):] == 0)
+    assert_within(act, jax.jit(fref)(x, gs, w, b), jnp.maximum(mag[:, 0::2], mag[:, 1::2]),
+                  16 * 2 * (K + 1) * 2.0**-24, "swiglu")
+    ref = twin_grads(grouped_matmul_xla, x, gs, w, b, ct, dense)
+    gmag = twin_grads(grouped_matmul_xla, jnp.abs(x), gs, jnp.abs(dense_f32(w)), jnp.abs(b), jnp.abs(ct), dense)
+    for name, g, r, m in zip(["dx", "dW", "dbias"] if dense else ["dx", "dbias"], got, ref, gmag):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert_within(g, r, m, 2 * (max(M, N_WIDE) + 1) * 2.0**-24, name)
+
+
+def test_tpu_weight_layout_rule():
+    """Off a TPU host the layout comes from the TPU compiler's rule (least padding): gpt-oss's codes and its dense
+    [E, 5760, 2880] weights are stored N-minor; row-major on a tie ([E, 2880, 2880])."""
+    assert tpu_weight_layout((32, 2880, 1440), jnp.uint8) == "kn"
+    assert tpu_weight_layout((128, 5760, 1440), jnp.uint8) == "kn"
+    assert tpu_weight_layout((32, 5760, 2880), jnp.bfloat16) == "kn"
+    assert tpu_weight_layout((32, 2880, 2880), jnp.bfloat16) == "nk"
+    assert tpu_weight_layout((8, 512, 128), jnp.uint8) == "nk"
+
+
 def export_variant(platform: str, kind: str, swiglu: bool):
     """Export forward + VJP (bf16 activations) at a TPU-tileable size; the MLIR text."""
     Mx, Kx, Nx = 64, 256, 512
@@ -197,5 +245,6 @@ def export_variant(platform: str, kind: str, swiglu: bool):
 def test_every_variant_lowers(platform, kind, swiglu):
     text = export_variant(platform, kind, swiglu).mlir_module()
     target = "tpu_custom_call" if platform == "tpu" else TRITON_CALL
-    # forward, dx, and for the SwiGLU the recomputed pre-activation
-    assert text.count(f"stablehlo.custom_call @{target}") == (3 if swiglu else 2)
+    # forward, dx, for the SwiGLU the recomputed pre-activation, and on GPU the dense weights' dW
+    dw_kernel = platform == "cuda" and kind != "mxfp4"
+    assert text.count(f"stablehlo.custom_call @{target}") == (3 if swiglu else 2) + dw_kernel
