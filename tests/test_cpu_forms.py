@@ -48,8 +48,8 @@ def test_inference_steps_hold_no_float32_copy_of_the_stacked_weights(monkeypatch
     assert _f32_copies(decode_hlo, stacked) == []
     assert _f32_copies(prefill_hlo, stacked) == []
     # Without the CPU forms the copies are there (what this test guards against).
-    monkeypatch.setattr(ops, "unroll_layers", lambda: False)
-    monkeypatch.setattr(ops, "scan_operands", lambda tree: (tree, lambda t: t))
+    monkeypatch.setattr(ops, "unroll_layers", lambda x: False)
+    monkeypatch.setattr(ops, "scan_operands", lambda tree, like: (tree, lambda t: t))
     try:
         prefill_hlo, decode_hlo, stacked = _compiled_steps()
     finally:
