@@ -138,3 +138,11 @@ def test_cli_summary_over_the_targets(capsys):
     assert "| fsdp=4 |" in rows["TPU v5p-8 (4 x 95 GiB)"]
     total = plan("20b", {"fsdp": 8}, batch=8, seq_len=2048, train=True).total
     assert f"| {total / GiB:.2f} | fits" in rows["8xH100 (8 x 80 GiB)"]
+
+
+def test_compile_target_errors_name_the_target():
+    """A target libtpu does not know, or a mesh larger than the target: one error naming it, no traceback."""
+    with pytest.raises(SystemExit, match="cannot compile for 'v9z:1x1'"):
+        main(["plan", "--model", "20b", "--compile", "v9z:1x1"])
+    with pytest.raises(SystemExit, match="expected h100:N"):
+        main(["plan", "--model", "20b", "--compile", "h100:eight"])

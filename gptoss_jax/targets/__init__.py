@@ -137,13 +137,15 @@ def compile_report(lower: Callable[[], jax.stages.Lowered], hbm_bytes: int) -> d
 
     Returns {"ok", "error", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes", "fits",
     "kernel_calls", "seconds"}; total = arguments + outputs + temporaries - aliased. A program the device's memory
-    cannot hold (or that the compiler rejects) is ok: False with the compiler's message, never an exception.
+    cannot hold (or that the compiler rejects) is ok: False with the compiler's message, never an exception;
+    an error while tracing or lowering (a bug, not a verdict) raises.
     """
     start = time.perf_counter()
     report = dict(ok=False, error=None, argument_bytes=0, output_bytes=0, temp_bytes=0, alias_bytes=0,
                   total_bytes=0, fits=False, kernel_calls=0, seconds=0.0)
+    lowered = lower()  # tracing errors are ours and raise; only the compiler's verdict is reported
     try:
-        compiled = lower().compile()
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001  (reported, not raised: a verdict, not a crash)
         report.update(error=_compiler_message(e), seconds=round(time.perf_counter() - start, 2))
         return report
