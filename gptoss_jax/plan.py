@@ -40,8 +40,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
+from gptoss_jax import expert_parallel
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.generate import PREFILL_CHUNK  # generate's longest prefill chunk
+from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.sharding import MESH_AXES, logical_sharding, parse_mesh, variable_shardings
 
 GiB = 1 << 30
@@ -179,6 +181,23 @@ def cache_length(cfg: ModelConfig, seq_len: int) -> int:
     return min(max(128, 1 << (seq_len - 1).bit_length()), cfg.max_position_embeddings)
 
 
+def _moe_group(cfg: ModelConfig, mesh, tokens_shape: tuple[int, int, int], train: bool, dtype) -> int:
+    """How many devices' tokens the MoE gathers onto each (1 where the weights move instead)."""
+    if mesh.size == 1:
+        return 1
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+
+    def w(out, inp):
+        if train:
+            return jax.ShapeDtypeStruct((E, out, inp), dtype)
+        return Packed(jax.ShapeDtypeStruct((E, out, inp // 2), jnp.uint8),
+                      jax.ShapeDtypeStruct((E, out, inp // 32), jnp.uint8))
+
+    b1, b2 = jax.ShapeDtypeStruct((E, 2 * F), dtype), jax.ShapeDtypeStruct((E, D), dtype)
+    lay = expert_parallel.layout(mesh, tokens_shape, w(2 * F, D), b1, w(D, F), b2, jnp.dtype(dtype).itemsize)
+    return math.prod(mesh.shape[a] for a in lay.tokens)
+
+
 def _activation_parts(cfg: ModelConfig, mesh, batch: int, seq_len: int, train: bool, dtype,
                       cache_len: int) -> dict[str, int]:
     """The activation terms (name -> bytes on one device)."""
@@ -196,11 +215,13 @@ def _activation_parts(cfg: ModelConfig, mesh, batch: int, seq_len: int, train: b
         "qkv + attention out": b(("batch", "sequence", "qkv"), (B, T, cfg.qkv_size), act)
         + b(("batch", "sequence", "heads_x_dim"), (B, T, N * cfg.head_dim), act),
         "router logits": b(("batch", "sequence", "experts"), (B, T, E), f32),
-        # the routed rows: k copies of each token sorted by expert; mlp1's float32 output, SwiGLU, mlp2's output
-        "routed rows": b(("batch", "sequence", "act_embed"), (B, T * k, D), act)
-        + b(("batch", "sequence", "expert_mlp"), (B, T * k, 2 * F), f32)
-        + b(("batch", "sequence", "expert_mlp"), (B, T * k, F), f32)
-        + b(("batch", "sequence", "act_embed"), (B, T * k, D), f32),
+        # the routed rows: k copies of each token sorted by expert; mlp1's float32 output, SwiGLU, mlp2's output;
+        # for the whole group of devices whose tokens the MoE gathers (`expert_parallel.layout`)
+        "routed rows": _moe_group(cfg, mesh, (B, T, k), train, dtype) * (
+            b(("batch", "sequence", "act_embed"), (B, T * k, D), act)
+            + b(("batch", "sequence", "expert_mlp"), (B, T * k, 2 * F), f32)
+            + b(("batch", "sequence", "expert_mlp"), (B, T * k, F), f32)
+            + b(("batch", "sequence", "act_embed"), (B, T * k, D), f32)),
     }
     if not train:
         parts = {f"one layer, prefill chunk of {T}: {n}": v for n, v in layer.items()}

@@ -28,7 +28,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "qkv": ("tensor",),
     "heads": ("tensor",),
     "heads_x_dim": ("tensor",),
-    "experts": ("expert",),
+    "experts": ("expert", "fsdp"),  # whole experts on each device: the MoE moves tokens, not weights
     "expert_mlp": ("tensor",),
     # activations and the KV cache
     "sequence": (),

@@ -21,15 +21,20 @@ QKV = H * (N + 2 * K)
 def expected_param_bytes(L, E, *, fsdp=1, tensor=1, expert=1, dense=False):
     """Per-device parameter bytes of gpt-oss with this mesh, from SPEC.md's shapes: bf16 tensors, MXFP4 experts
     (codes [E, out, in/2] + scales [E, out, in/32] uint8) or dense bf16 experts. Table: vocab, qkv, heads and
-    expert_mlp over tensor; embed over fsdp; experts over expert (each split only where it divides)."""
+    expert_mlp over tensor; embed over fsdp; experts over expert, then fsdp (each split only where it divides; an
+    expert array whose experts took fsdp keeps its hidden dimension whole)."""
     def div(n, k):
         return k if n % k == 0 else 1
 
+    n_e = div(E, expert)
+    e_fsdp = div(E // n_e, fsdp)  # the experts take fsdp before their hidden dimension can
+    n_e, d_fsdp = n_e * e_fsdp, fsdp if e_fsdp == 1 else 1  # splits of an expert array's E and D
+
     def expert_matrix(out, inp, out_axis, in_axis):  # out_axis/in_axis: the mesh size splitting each dim
         if dense:
-            return E * out * inp * 2 / (div(E, expert) * div(out, out_axis) * div(inp, in_axis))
-        codes = E * out * (inp // 2) / (div(E, expert) * div(out, out_axis) * div(inp // 2, in_axis))
-        scales = E * out * (inp // 32) / (div(E, expert) * div(out, out_axis) * div(inp // 32, in_axis))
+            return E * out * inp * 2 / (n_e * div(out, out_axis) * div(inp, in_axis))
+        codes = E * out * (inp // 2) / (n_e * div(out, out_axis) * div(inp // 2, in_axis))
+        scales = E * out * (inp // 32) / (n_e * div(out, out_axis) * div(inp // 32, in_axis))
         return codes + scales
 
     per_layer = (
@@ -37,9 +42,9 @@ def expected_param_bytes(L, E, *, fsdp=1, tensor=1, expert=1, dense=False):
         + QKV * D * 2 / (div(QKV, tensor) * div(D, fsdp)) + QKV * 2 / div(QKV, tensor)
         + D * N * H * 2 / (div(D, fsdp) * div(N * H, tensor)) + D * 2 / div(D, fsdp)
         + N * 2 / div(N, tensor)  # sinks
-        + E * D * 2 / (div(E, expert) * div(D, fsdp)) + E * 2 / div(E, expert)  # router
-        + expert_matrix(2 * F, D, tensor, fsdp) + E * 2 * F * 2 / (div(E, expert) * div(2 * F, tensor))
-        + expert_matrix(D, F, fsdp, tensor) + E * D * 2 / (div(E, expert) * div(D, fsdp))
+        + E * D * 2 / (n_e * div(D, d_fsdp)) + E * 2 / n_e  # router
+        + expert_matrix(2 * F, D, tensor, d_fsdp) + E * 2 * F * 2 / (n_e * div(2 * F, tensor))
+        + expert_matrix(D, F, d_fsdp, tensor) + E * D * 2 / (n_e * div(D, d_fsdp))
     )
     return L * per_layer + 2 * V * D * 2 / (div(V, tensor) * div(D, fsdp)) + D * 2 / div(D, fsdp)
 
@@ -54,6 +59,7 @@ def test_one_device_holds_the_official_checkpoint_bytes():
     ("20b", 24, 32, {"fsdp": 2, "tensor": 2, "expert": 2}),
     ("120b", 36, 128, {"expert": 8}),
     ("120b", 36, 128, {"fsdp": 4, "tensor": 2}),
+    ("120b", 36, 128, {"fsdp": 8}),
     ("20b", 24, 32, {"tensor": 8}),  # 90 scale groups do not split 8 ways: replicated, never an error
 ])
 def test_parameter_bytes_per_device(name, L, E, mesh):
@@ -77,7 +83,8 @@ def test_figures_are_the_shard_shapes_of_eval_shape():
         total += math.prod(shard) * x.dtype.itemsize
     assert plan("120b", sizes, batch=1, seq_len=128).params == total
     assert shapes[("blocks", "mlp", "mlp1", "blocks")].sharding.shard_shape((36, 128, 5760, 1440)) == \
-        (36, 64, 2880, 720)  # experts over expert, expert MLP over tensor, hidden over fsdp
+        (36, 32, 2880, 1440)  # experts over expert then fsdp, expert MLP over tensor, hidden whole
+    assert shapes[("blocks", "attn", "qkv_w")].sharding.shard_shape((36, QKV, D)) == (36, QKV // 2, D // 2)
 
 
 def test_training_state_kv_cache_and_activations():
