@@ -8,6 +8,7 @@ transient; float32 accumulators, 4 bytes, when accumulating over micro-batches).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 
 from gptoss_jax import ops
 from gptoss_jax.model import Transformer
+from gptoss_jax.sharding import constrain, mesh_of_array, partition_spec
 
 # Parameters that AdamW's weight decay leaves alone: norms, biases and attention sinks.
 NO_DECAY = ("scale", "qkv_b", "out_b", "gate_b", "mlp1_b", "mlp2_b", "sinks")
@@ -53,21 +55,27 @@ def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: in
     `gptoss_jax.train.vocab`): its logit counts log(tied_rows) times more in the softmax, and its gradient is that
     of one of the rows it stands for (their sum / tied_rows), as each tied row of the full model would get.
 
-    The unembedding and its log-softmax run over `chunk` tokens at a time and are recomputed in the backward pass,
-    so the [tokens, vocab] logits never exist whole (201088 float32 logits are 0.8 MB a token). Trained tokens are
-    moved to the front first and chunks without any are skipped: a chat's prompt tokens (often half of a row) never
-    pay for the vocabulary.
+    The unembedding and its log-softmax run over `chunk` tokens at a time (on each device: a chunk is a slice of
+    every row of the device's batch shard, so a mesh never gathers the hidden states nor stacks the unembedding
+    per chunk) and are recomputed in the backward pass, so the [tokens, vocab] logits never exist whole (201088
+    float32 logits are 0.8 MB a token). Each row's trained tokens are moved to its front first and chunks without
+    any are skipped: a chat's prompt tokens (often half of a row) never pay for the vocabulary.
     """
     h_BLD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], remat=remat)
     B, L, D = h_BLD.shape
-    n = B * L
-    c = min(chunk, n)
-    pad = -n % c
-    w_N = batch["weights"].reshape(n).astype(jnp.float32)
-    order = jnp.argsort(w_N == 0, stable=True)  # trained tokens first, each group in its original order
-    h_ND = jnp.pad(h_BLD.reshape(n, D)[order], ((0, pad), (0, 0)))
-    t_N = jnp.pad(batch["targets"].reshape(n)[order], (0, pad))
-    w_N = jnp.pad(w_N[order], (0, pad))
+    mesh = mesh_of_array(model.unembedding[...])  # None on one device
+    shards = 1 if mesh is None else math.prod(
+        mesh.shape[a] for a in jax.tree.leaves(partition_spec(("batch",), (B,), mesh)[0]))
+    c = max(1, min(chunk // (B // shards), L))  # each row's tokens in a chunk: `chunk` tokens on a device
+    pad = -L % c
+    w_BL = batch["weights"].astype(jnp.float32)
+    order_BL = jnp.argsort(w_BL == 0, axis=1, stable=True)  # each row's trained tokens first, in their order
+
+    def chunks(x_BL, *rest):  # [B, L, ...] -> [L / c, B, c, ...], each row's trained tokens first
+        x_BL = jnp.take_along_axis(x_BL, order_BL.reshape(B, L, *[1] * len(rest)), axis=1)
+        x_BL = jnp.pad(x_BL, ((0, 0), (0, pad)) + ((0, 0),) * len(rest))
+        x = jnp.moveaxis(x_BL.reshape(B, -1, c, *rest), 1, 0)
+        return constrain(x, (None, "batch", "sequence", "act_embed")[:x.ndim], mesh)
 
     unemb_VD = model.unembedding[...]
     if tied_rows:
@@ -75,20 +83,21 @@ def token_losses(model: Transformer, batch: dict, remat: str = "none", chunk: in
         unemb_VD = unemb_VD.at[-1].set(u / tied_rows + jax.lax.stop_gradient(u - u / tied_rows))
         offset_V = jnp.zeros(unemb_VD.shape[0], jnp.float32).at[-1].set(jnp.log(jnp.float32(tied_rows)))
 
-    @jax.checkpoint
-    def piece(h_cD, t_c, w_c):
-        logits = ops.linear(h_cD, unemb_VD, out_dtype=jnp.float32)  # Transformer.logits, with the tied row
+    def piece(h_BcD, t_Bc, w_Bc):
+        logits = ops.linear(h_BcD, unemb_VD, out_dtype=jnp.float32)  # Transformer.logits, with the tied row
         if tied_rows:
             logits = logits + offset_V
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        return jnp.sum(nll * w_c)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * w_Bc)
 
+    # Recomputed in the backward pass. The checkpoint wraps the cond, not the piece inside it: residuals of a
+    # checkpoint inside a cond come out of the cond, and the scan stacks them per chunk (the unembedding too).
+    @jax.checkpoint
     def body(total, xs):
         return total + jax.lax.cond(jnp.any(xs[2] != 0), piece, lambda *_: jnp.float32(0), *xs), None
 
-    split = lambda x: x.reshape(-1, c, *x.shape[1:])  # noqa: E731
-    total, _ = jax.lax.scan(body, jnp.float32(0), (split(h_ND), split(t_N), split(w_N)))
-    return total, jnp.sum(w_N)
+    total, _ = jax.lax.scan(body, jnp.float32(0), (chunks(h_BLD, D), chunks(batch["targets"]), chunks(w_BL)))
+    return total, jnp.sum(w_BL)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, remat: str = "none",
