@@ -21,9 +21,9 @@ Activations are an estimate (what is live at the peak, from the model's shapes, 
   on TPU and GPU: no [chunk, cache] scores);
 - training: the whole sequence, each layer rematerialized (the trainer's default `remat="full"`): the residual
   stream saved at every layer, one layer's forward intermediates and their cotangents (2x the inference working
-  set at the full length), the final hidden states and their cotangent, and one 1024-token chunk of float32
-  logits with its gradient (the trainer's chunked loss). Attention is a flash kernel on TPU and GPU (no [T, T]
-  scores).
+  set at the full length), the final hidden states and their cotangent, and one 512-token chunk of float32
+  logits with its gradient (the trainer's chunked loss, on each device). Attention is a flash kernel on TPU and
+  GPU (no [T, T] scores).
 The update step's per-leaf float32 temporaries and XLA's own workspace are not counted: the verdict says "fits"
 only below 90% of a device's memory. `plan --compile TARGET` (`gptoss_jax.aot`) puts the compiler's own figures
 for the real steps beside this estimate.
