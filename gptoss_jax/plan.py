@@ -202,7 +202,7 @@ def _activation_parts(cfg: ModelConfig, mesh, batch: int, seq_len: int, train: b
                       cache_len: int) -> dict[str, int]:
     """The activation terms (name -> bytes on one device)."""
     B, D, V, E, F = batch, cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.intermediate_size
-    k, N, K, G = cfg.experts_per_token, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.q_per_kv
+    k, N = cfg.experts_per_token, cfg.num_attention_heads
     T = seq_len if train else min(seq_len, PREFILL_CHUNK)
     act, f32 = jnp.dtype(dtype).itemsize, 4
 

@@ -95,7 +95,7 @@ DOC = ("The lighthouse stood at the end of a long stone pier, and for more than 
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, run_8_devices):
     from test_finetune_cli import write_echo_data
 
     root = tmp_path_factory.mktemp("cli-mesh")
@@ -105,11 +105,7 @@ def results(tmp_path_factory):
         for i, text in enumerate(["Say hi.", "What is 48 + 79? Think it through before you answer."]):
             f.write(json.dumps({"recordId": f"r{i}", "modelInput": {
                 "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0}}) + "\n")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(root)], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(run.stdout.split("RESULT", 1)[1])
+    got = run_8_devices(SCRIPT, str(root), timeout=900)
     print(got["seconds"])
     return got["out"]
 

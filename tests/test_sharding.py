@@ -9,9 +9,6 @@ subprocess) gives one device's loss, gradient norm and parameters. Gradients of 
 through the expert-parallel MoE are compared in the slow tier.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -142,106 +139,27 @@ GRAD_SCRIPT = textwrap.dedent('''
 ''')
 
 
-MOE_SCRIPT = textwrap.dedent('''
-    import dataclasses, json
-    import jax, jax.numpy as jnp, numpy as np
-    from flax import nnx
-    import gptoss_jax as gj
-    from gptoss_jax import expert_parallel
-    from gptoss_jax.model import MoE
-    from gptoss_jax.sharding import variable_shardings
-
-    # 8 experts, so that they divide over fsdp=8 and over expert x fsdp; hidden 64 splits over fsdp too
-    cfg = dataclasses.replace(gj.ModelConfig.tiny(), num_experts=8, experts_per_token=3)
-    moe = MoE(cfg, jnp.float32, "dense", nnx.Rngs(2))
-    rng = np.random.default_rng(0)
-    layouts = []
-    real_layout = expert_parallel.layout
-    def recording_layout(*args, **kwargs):
-        lay = real_layout(*args, **kwargs)
-        layouts.append([list(lay.experts), list(lay.tokens), lay.tensor_parallel])
-        return lay
-    expert_parallel.layout = recording_layout
-    def run(moe, x):  # the block's output and d(sum(out * probe)) / d(x, every expert weight)
-        probe = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
-        def loss(moe, x):
-            return jnp.sum(moe(x) * probe)
-        out = nnx.jit(lambda m, x: m(x))(moe, x)
-        gm, gx = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(moe, x)
-        flat = {"/".join(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(gm)}
-        return np.asarray(out), np.asarray(gx), flat
-    out = {}
-    for sizes, T in (({"fsdp": 8}, 1), ({"fsdp": 8}, 64), ({"data": 2, "fsdp": 2, "expert": 2}, 1),
-                     ({"data": 2, "fsdp": 2, "expert": 2}, 64), ({"fsdp": 2, "tensor": 2, "expert": 2}, 2)):
-        x = jnp.asarray(rng.normal(size=(8, T, cfg.hidden_size)), jnp.float32)
-        ref, ref_gx, ref_g = run(moe, x)
-        mesh = gj.make_mesh(**sizes)
-        graphdef, state = nnx.split(moe)
-        placed = dict(variable_shardings(moe, mesh))
-        state = nnx.from_flat_state([(p, v.replace(jax.device_put(v.get_value(), placed[p])))
-                                     for p, v in nnx.to_flat_state(state)])
-        sharded = nnx.merge(graphdef, state)
-        layouts.clear()
-        got, gx, g = run(sharded, jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))))
-        out[json.dumps([sizes, T])] = {
-            "layouts": layouts[:1], "err": float(np.abs(got - ref).max() / np.abs(ref).max()),
-            "grad_err": max([float(np.abs(gx - ref_gx).max() / np.abs(ref_gx).max())]
-                            + [float(np.abs(g[p] - r).max() / max(1e-30, np.abs(r).max())) for p, r in ref_g.items()])}
-    print("RESULT" + json.dumps(out))
-''')
-
-
-def _run_8_devices(script: str) -> dict:
-    import json
-
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.split("RESULT", 1)[1])
-
-
 @pytest.fixture(scope="module")
-def results():
-    return _run_8_devices(SCRIPT)
+def results(run_8_devices):
+    return run_8_devices(SCRIPT)
 
 
 @pytest.mark.slow  # reason: one more 8-device subprocess with three backward-pass compiles (~60 s on 2 cores)
-def test_expert_parallel_gradients_equal_single_device():
+def test_expert_parallel_gradients_equal_single_device(run_8_devices):
     """d(sum(logits * probe)) / d(every parameter), experts included, through the expert-parallel shard_map
     (all-gathers over fsdp, psum over expert and tensor, the bias kept on one tensor shard)."""
-    for mesh, errs in _run_8_devices(GRAD_SCRIPT).items():
+    for mesh, errs in run_8_devices(GRAD_SCRIPT).items():
         assert "blocks/mlp/mlp1/weight" in errs and "blocks/mlp/mlp2_b" in errs
         worst = max(errs, key=errs.get)
         assert errs[worst] <= 1e-5, (mesh, worst, errs[worst])  # relative to each gradient's largest entry
-
-
-@pytest.mark.parametrize("case, layout", [
-    ('[{"fsdp": 8}, 1]', [["fsdp"], ["fsdp"], False]),  # decode: the 8 tokens move, the experts stay
-    ('[{"fsdp": 8}, 64]', [[], [], False]),  # 512 tokens' rows outweigh the experts: those are gathered
-    ('[{"data": 2, "fsdp": 2, "expert": 2}, 1]', [["expert", "fsdp"], ["fsdp"], False]),
-    ('[{"data": 2, "fsdp": 2, "expert": 2}, 64]', [["expert"], [], False]),
-    ('[{"fsdp": 2, "tensor": 2, "expert": 2}, 2]', [["expert", "fsdp"], ["fsdp"], True]),
-])
-def test_moe_layouts_equal_one_device(moe_results, case, layout):
-    """Each way of laying the MoE out (tokens gathered over fsdp with the experts in place, or the experts
-    gathered; psum over expert and tensor; reduce-scatter over fsdp) gives one device's output and gradients."""
-    r = moe_results[case]
-    assert r["layouts"] == [layout]
-    assert r["err"] <= 1e-6
-    assert r["grad_err"] <= 1e-5
-
-
-@pytest.fixture(scope="module")
-def moe_results():
-    return _run_8_devices(MOE_SCRIPT)
 
 
 MESHES = ['{"fsdp": 8}', '{"tensor": 2, "expert": 4}', '{"data": 2, "fsdp": 2, "expert": 2}']
 
 
 @pytest.fixture(scope="module")
-def train_results():
-    return _run_8_devices(TRAIN_SCRIPT)
+def train_results(run_8_devices):
+    return run_8_devices(TRAIN_SCRIPT)
 
 
 @pytest.mark.parametrize("mesh", MESHES)
