@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -208,6 +209,12 @@ def main(argv=None) -> int:
                                                         "(default: a temporary folder)")
     parser.add_argument("--out", default="experiments/results", help="where to write bench_generate.*")
     args = parser.parse_args(argv)
+    needed = ["matplotlib"] + ([] if args.no_transformers else ["torch", "transformers"])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:  # say so before minutes of measuring, not at the plot
+        print(f"error: gptoss-jax bench needs {', '.join(missing)}: pip install 'gptoss-jax[bench]'"
+              + ("" if args.no_transformers else " (or pass --no-transformers)"), file=sys.stderr)
+        return 2
     if args.quick:
         args.configs, args.prefill, args.decode_batches, args.new_tokens, args.repeats = "tiny", "128", "1", 8, 1
     import gptoss_jax as gj

@@ -241,3 +241,15 @@ def test_missing_required_argument_is_a_usage_error(capsys):
         main(["init"])
     assert info.value.code == 2
     assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [(["--no-transformers"], "matplotlib"), ([], "transformers")])
+def test_bench_without_its_extra_says_so_before_measuring(monkeypatch, capsys, argv, named):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("matplotlib", "transformers") else real(name, *a))
+    assert main(["bench", "--quick", *argv]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "gptoss-jax[bench]" in err and err.startswith("error:")
