@@ -258,7 +258,7 @@ def embed_unembed_cost(cfg: ModelConfig, tokens: int, logits_rows: int) -> Cost:
 
 
 def weight_bytes(cfg: ModelConfig) -> float:
-    """Checkpoint bytes: MXFP4 experts, everything else bf16 (matches SPEC.md's checkpoint sizes)."""
+    """Checkpoint bytes: MXFP4 experts, everything else bf16 (matches docs/spec.md's checkpoint sizes)."""
     d, inter, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     experts = E * (2 * inter * d + d * inter) * MXFP4 + E * (2 * inter + d) * BF16
     per_layer = experts + dense_layer_cost(cfg, 0).bytes

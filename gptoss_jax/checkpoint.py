@@ -1,4 +1,4 @@
-"""Reading and writing the two public checkpoint layouts (SPEC.md, "Checkpoint layouts") with safetensors.
+"""Reading and writing the two public checkpoint layouts (docs/spec.md, "Checkpoint layouts") with safetensors.
 
 Loading is lazy: every tensor's name, shape and dtype is checked against the config before any data is read,
 then tensors are read one at a time and placed on the device, MXFP4 experts kept packed. Saving writes into a

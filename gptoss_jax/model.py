@@ -1,4 +1,4 @@
-"""The gpt-oss forward pass in Flax NNX, top to bottom in SPEC.md's order.
+"""The gpt-oss forward pass in Flax NNX, top to bottom in the order of docs/spec.md.
 
 Shapes: B batch, T tokens, D hidden, V vocab, N query heads, K kv heads, G = N / K, H head dim, E experts,
 F expert width, M routed rows (tokens x experts per token). Linear weights are stored (out, in) as in both

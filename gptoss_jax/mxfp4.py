@@ -1,4 +1,4 @@
-"""MXFP4 codec (SPEC.md, "MXFP4"): 32-element blocks of FP4 (E2M1) codes sharing one E8M0 scale.
+"""MXFP4 codec (docs/spec.md, "MXFP4 experts"): 32-element blocks of FP4 (E2M1) codes sharing one E8M0 scale.
 
 `decode` is exact (jnp, jit-able); `encode` rounds to nearest (ties to even codes) with the smallest scale that
 does not clip the block, so `decode(encode(w)) == w` wherever w is exactly representable.

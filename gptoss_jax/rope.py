@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN scaling, exactly as gpt-oss (SPEC.md, "Attention")."""
+"""Rotary position embedding with YaRN scaling, exactly as gpt-oss (docs/spec.md, "Rotary embedding with YaRN")."""
 
 import math
 

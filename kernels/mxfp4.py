@@ -1,4 +1,4 @@
-"""MXFP4 dequantization shared by the kernels and their twins (SPEC.md, "MXFP4")."""
+"""MXFP4 dequantization shared by the kernels and their twins (docs/spec.md, "MXFP4 experts")."""
 
 from typing import NamedTuple
 

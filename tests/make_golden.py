@@ -115,7 +115,7 @@ The generator and the references live in `tests/references.py` and do not use `g
 
 One small random gpt-oss model (`references.SMALL_CONFIG`: 3 layers sliding/full/sliding, 4 experts top-2,
 vocab 256, hidden 64, expert width 64, 8 query heads / 2 kv heads of 64, window 128, the real 20b YaRN and
-SwiGLU constants), written three ways with numpy + safetensors following SPEC.md:
+SwiGLU constants), written three ways with numpy + safetensors following docs/spec.md:
 
 - `original/`: gpt_oss config.json (16 keys) + `model.safetensors`, MXFP4 experts.
 - `hf_mxfp4/`: Hub-style config.json (`quantization_config` mxfp4, `rope_scaling` yarn with `truncate: false`),

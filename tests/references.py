@@ -1,7 +1,7 @@
 """Independent references for the parity tests: random gpt-oss checkpoints and the two reference forwards.
 
 Nothing here imports `gptoss_jax`: the checkpoints are written with numpy + safetensors straight from
-SPEC.md, and the logits come from Hugging Face transformers and OpenAI's `gpt_oss.torch`, so a bug in our
+docs/spec.md, and the logits come from Hugging Face transformers and OpenAI's `gpt_oss.torch`, so a bug in our
 implementation cannot leak into the thing it is compared against.
 
 torch / transformers / gpt_oss are imported lazily, so writing checkpoints needs only numpy, ml_dtypes and

@@ -13,7 +13,7 @@ from gptoss_jax.config import ORIGINAL_CONFIG_KEYS
 ])
 def test_full_size_parameter_count_and_bytes_without_allocating(preset, params, nbytes, limit_gib):
     model = nnx.eval_shape(lambda: gj.init_model(preset()))
-    assert gj.param_count(model) == params  # SPEC.md's totals
+    assert gj.param_count(model) == params  # docs/spec.md's totals
     assert gj.param_bytes(model) == nbytes  # exactly the official checkpoint's bytes: experts stay MXFP4
     assert gj.param_bytes(model) <= limit_gib * 2**30
 

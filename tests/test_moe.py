@@ -61,7 +61,7 @@ def test_swiglu_clamps_interleaves_and_adds_one():
 
 
 def naive_moe(x, cfg, p):
-    """SPEC.md's MoE for one token at a time: top-k raw logits, softmax over those k, interleaved SwiGLU."""
+    """docs/spec.md's MoE for one token at a time: top-k raw logits, softmax over those k, interleaved SwiGLU."""
     out = []
     for t in x:
         n = t / np.sqrt(np.mean(t * t) + cfg.rms_norm_eps) * p["scale"]

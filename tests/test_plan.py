@@ -1,6 +1,6 @@
 """`gptoss-jax plan`: per-device memory from the sharding table on an abstract mesh (no devices needed).
 
-The figures are checked against shard sizes worked out by hand from SPEC.md's tensor shapes and the table's
+The figures are checked against shard sizes worked out by hand from docs/spec.md's tensor shapes and the table's
 documented rules (the real per-device bytes of sharded arrays are checked in test_sharding.py's 8-device run).
 """
 
@@ -19,7 +19,7 @@ QKV = H * (N + 2 * K)
 
 
 def expected_param_bytes(L, E, *, fsdp=1, tensor=1, expert=1, dense=False):
-    """Per-device parameter bytes of gpt-oss with this mesh, from SPEC.md's shapes: bf16 tensors, MXFP4 experts
+    """Per-device parameter bytes of gpt-oss with this mesh, from docs/spec.md's shapes: bf16 tensors, MXFP4 experts
     (codes [E, out, in/2] + scales [E, out, in/32] uint8) or dense bf16 experts. Table: vocab, qkv, heads and
     expert_mlp over tensor; embed over fsdp; experts over expert, then fsdp (each split only where it divides; an
     expert array whose experts took fsdp keeps its hidden dimension whole)."""
@@ -52,7 +52,7 @@ def expected_param_bytes(L, E, *, fsdp=1, tensor=1, expert=1, dense=False):
 def test_one_device_holds_the_official_checkpoint_bytes():
     for name, nbytes in (("20b", 13_761_264_768), ("120b", 65_248_815_744)):
         p = plan(name, {}, batch=1, seq_len=128)
-        assert p.params == p.params_global == nbytes  # SPEC.md's checkpoint sizes
+        assert p.params == p.params_global == nbytes  # docs/spec.md's checkpoint sizes
 
 
 @pytest.mark.parametrize("name,L,E,mesh", [
