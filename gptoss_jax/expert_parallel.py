@@ -84,7 +84,7 @@ def layout(mesh, tokens_shape: tuple[int, int, int], w1, b1, w2, b2, act_bytes: 
     tokens: k copies in, the first matmul's float32 output and its SwiGLU, the second's float32 output) take less
     memory than the layer's experts the device would gather instead."""
     B, T, k = tokens_shape
-    E, F2 = b1.shape
+    F2 = b1.shape[-1]
     D = b2.shape[-1]
     specs = weight_specs(w1, b1, w2, b2, mesh)
     experts = _names(specs[1][0])

@@ -106,6 +106,22 @@ def test_training_state_kv_cache_and_activations():
     assert i.total == i.params + i.kv_cache + i.activations
 
 
+def test_routed_rows_follow_the_moe_layout():
+    """Where the MoE gathers the tokens over fsdp (decode and prefill chunks: the 120b's experts outweigh them),
+    each device holds the routed rows of the whole group; where it gathers the weights (many long rows), only its
+    own. Rows of one prefill chunk of 512 tokens: k = 4 copies of [D] bf16 in, [2F] and [F] float32, [D]
+    float32 out."""
+    per_token = 4 * (D * 2 + 2 * F * 4 + F * 4 + D * 4)
+
+    def routed(p):
+        return next(v for n, v in p.parts["activations"].items() if n.endswith("routed rows"))
+
+    assert routed(plan("120b", {"fsdp": 8}, batch=8, seq_len=8192)) == 8 * 512 * per_token  # the group's 8 rows
+    assert routed(plan("120b", {"expert": 8}, batch=8, seq_len=8192)) == 8 * 512 * per_token  # not split
+    # 64 rows of 512 tokens: the group's rows (6 GB) outweigh a 20b layer's experts: those move, the rows stay
+    assert routed(plan("20b", {"fsdp": 8}, batch=64, seq_len=8192)) == 8 * 512 * per_token
+
+
 def test_verdicts():
     fits = plan("20b", {"fsdp": 8}, batch=1, seq_len=4096)
     assert fits.verdict(TARGETS[0]).startswith("fits")  # v5e-8: 1.9 GiB of parameters per chip
