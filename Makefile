@@ -6,7 +6,7 @@ CHECKPOINT ?=
 PROMPT ?= What is 48 + 79?
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-model test e2e accel strip-notebooks parity golden clean
+.PHONY: demo demo-model test mesh e2e accel strip-notebooks parity golden clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ demo-model: $(VENV)/.installed
 # One worker per core, whole files per worker (module fixtures compile once); the slowest tests are listed.
 test: $(VENV)/.installed-test
 	$(BIN)/pytest -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
+
+# The mesh tier (CI runs it): tests/mesh/, every sharded run in a subprocess with 8 simulated CPU devices (the
+# model, the training step, the CLI's commands on meshes) and two loopback processes joined by jax.distributed.
+mesh: $(VENV)/.installed-test
+	$(BIN)/pytest -n auto --dist loadfile -m "mesh and not slow" --durations=0 $(PYTEST_ARGS) tests/mesh
 
 # End to end on the committed demo model (CI runs this too): every notebook in notebooks/, executed top to bottom
 # in its own Jupyter kernel; the demo model's accuracy and tool calls; the evaluation harness at smoke size.

@@ -5,33 +5,22 @@ On 8 simulated CPU devices (one subprocess: the device count is fixed when jax s
 through `gptoss_jax.cli.main` on one device and on a mesh, from the same tiny float32 checkpoint:
 - `batch` (the serving engine `serve` also runs: the model loaded onto tensor=2 x expert=4, the KV cache sharded
   over the same mesh) answers greedy requests with the same tokens as on one device;
-- `finetune` on fsdp=4 x expert=2 (batch rows split 4 ways, expert-parallel MoE) logs one device's losses and
-  gradient norms step by step;
-- `eval perplexity` on data=2 x fsdp=2 x expert=2 gives one device's perplexity.
-In this process (one device): a --mesh whose sizes do not multiply to the device count is one `error:` line and
-exit 2 for every such command, and every command's --help lists --mesh and the coordinator flags.
+- `finetune` on fsdp=8 (batch rows split 8 ways) logs one device's losses and gradient norms step by step;
+- `eval perplexity` on tensor=2 x expert=4 gives one device's perplexity.
+The mesh tier (`make mesh`). In one process (tests/test_mesh_settings.py): a --mesh whose sizes do not multiply
+to the device count is one `error:` line and exit 2 for every such command, and every command's --help lists
+--mesh and the coordinator flags.
 """
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from gptoss_jax.cli import build_parser, main
+from gptoss_jax.cli import main
 
-COMMANDS = {  # command -> the arguments it needs besides --checkpoint
-    "generate": ["--prompt", "hi"],
-    "next-token": ["--prompt", "hi"],
-    "chat": [],
-    "finetune": ["--data", "{data}", "--out", "{out}"],
-    "serve": [],
-    "batch": ["--input", "{data}", "--output", "{out}"],
-    "eval perplexity": ["--data", "{data}"],
-    "eval tasks": ["--tasks", "{tasks}", "--out", "{out}"],
-}
+pytestmark = pytest.mark.mesh
 
 SCRIPT = textwrap.dedent('''
     import contextlib, io, json, sys, time
@@ -95,9 +84,7 @@ DOC = ("The lighthouse stood at the end of a long stone pier, and for more than 
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, run_8_devices):
-    from test_finetune_cli import write_echo_data
-
+def results(tmp_path_factory, run_8_devices, write_echo_data):
     root = tmp_path_factory.mktemp("cli-mesh")
     write_echo_data(root / "train.jsonl", 24, 0)
     (root / "doc.txt").write_text(DOC)
@@ -133,41 +120,12 @@ def test_eval_perplexity_on_a_mesh_equals_one_device(results):
     assert mesh["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_mesh_that_does_not_fit_the_devices_is_one_error_line(command, tmp_path, capsys):
-    """On this one-device process fsdp=2 cannot be laid out: the command stops before loading anything."""
-    (tmp_path / "data.jsonl").write_text(json.dumps({"recordId": 1, "modelInput": {}}) + "\n")
-    (tmp_path / "tasks.jsonl").write_text(json.dumps({"id": 1, "question": "1 + 1?", "answer": 2}) + "\n")
-    fill = {"{data}": str(tmp_path / "data.jsonl"), "{tasks}": str(tmp_path / "tasks.jsonl"),
-            "{out}": str(tmp_path / "out")}
-    args = [*command.split(), "--checkpoint", str(tmp_path / "nothing-here"),
-            *(fill.get(a, a) for a in COMMANDS[command]), "--mesh", "fsdp=2"]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"gptoss-jax {command.split()[0]}: error: a mesh of data=1 x fsdp=2 x tensor=1 x expert=1 = "
-                   "2 devices, but there are 1"]
-    assert not (tmp_path / "out").exists()  # nothing written
-
-
-def test_every_model_command_has_the_mesh_and_coordinator_flags():
-    parser = build_parser()
-    for command in [*COMMANDS, "plan"]:
-        sub = parser
-        for word in command.split():
-            sub = next(a for a in sub._actions if a.dest in ("command", "eval_command")).choices[word]
-        text = sub.format_help()
-        assert "--mesh" in text, command
-        if command != "plan":  # plan works on an abstract mesh: no job to join
-            for flag in ("--coordinator-address", "--num-processes", "--process-id", "--distributed"):
-                assert flag in text, (command, flag)
-
-
 WORKER = textwrap.dedent('''
     import sys
     pid, port, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     from gptoss_jax import distributed
     # join on loopback only (what --coordinator-address does, with the coordinator bound to 127.0.0.1), and pin
-    # gloo to loopback too, as tests/test_multihost.py does; `main` then finds the job already joined
+    # gloo to loopback too, as tests/mesh/test_multihost.py does; `main` then finds the job already joined
     distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                            bind_address=f"127.0.0.1:{port}", timeout_s=60)
     from jax._src import distributed as jd, xla_bridge
@@ -182,16 +140,13 @@ WORKER = textwrap.dedent('''
 
 
 @pytest.mark.slow  # reason: two processes compiling the sharded engine step side by side (~75 s on 2 cores)
-def test_batch_in_a_two_process_job(tmp_path):
+def test_batch_in_a_two_process_job(tmp_path, free_port, job_env, run_job):
     """`batch --mesh tensor=2,expert=4` over two processes of 4 CPU devices: process 0 reads the input, runs the
     engine and writes the output; process 1 follows its device operations (Engine.follow) and writes nothing;
     the answers are one device's."""
-    import time
-
     import jax.numpy as jnp
 
     import gptoss_jax as gj
-    from test_multihost import _free_port
 
     gj.save_checkpoint(gj.init_model(gj.ModelConfig.tiny(), seed=5, dtype=jnp.float32), tmp_path / "ckpt",
                        format="hf")
@@ -202,25 +157,13 @@ def test_batch_in_a_two_process_job(tmp_path):
     common = ["batch", "--checkpoint", str(tmp_path / "ckpt"), "--input", str(tmp_path / "requests.jsonl"),
               "--max-batch", "2", "--max-seq-len", "160", "--prefill-chunk", "1", "--dtype", "float32",
               "--no-progress"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    for name in ("GPTOSS_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "GPTOSS_NUM_PROCESSES",
-                 "GPTOSS_PROCESS_ID"):
-        env.pop(name, None)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, *common, "--output",
-                               str(tmp_path / f"out{i}.jsonl"), "--mesh", "tensor=2,expert=4"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    deadline = time.time() + 400
-    outs = []
-    try:
-        assert main([*common, "--output", str(tmp_path / "single.jsonl")]) == 0  # meanwhile: one device
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
-            outs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    port = str(free_port())
+    # meanwhile: one device, in this process
+    single, outs = run_job([[sys.executable, "-c", WORKER, str(i), port, *common, "--output",
+                             str(tmp_path / f"out{i}.jsonl"), "--mesh", "tensor=2,expert=4"] for i in range(2)],
+                           job_env(4), timeout=400,
+                           meanwhile=lambda: main([*common, "--output", str(tmp_path / "single.jsonl")]))
+    assert single == 0
     for code, out, err in outs:
         assert code == 0, err[-3000:]
     assert "batch: 2 done, 0 errors" in outs[0][1] and "batch:" not in outs[1][1]  # process 1 prints nothing

@@ -2,22 +2,21 @@
 gloo collectives (`gptoss_jax.distributed.initialize`). Each loads a small checkpoint onto a mesh over the 8
 global devices (tensor=2 across the processes x expert=4 inside each), reading only its own devices' slices of
 the files, runs the sharded forward pass (expert-parallel MoE) and gathers the logits, which must equal the
-single-process logits. Bounded by timeouts; coordinator and gloo bound to loopback only.
+single-process logits. Bounded by timeouts; coordinator and gloo bound to loopback only. The mesh tier (`make
+mesh`); the coordinator settings, in one process, are checked in tests/test_mesh_settings.py.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gptoss_jax as gj
+
+pytestmark = pytest.mark.mesh
 
 WORKER = textwrap.dedent('''
     import json, sys, time
@@ -61,14 +60,8 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def two_processes(tmp_path_factory, free_port, job_env, run_job):
     import dataclasses
 
     from gptoss_jax.checkpoint import write_random_checkpoint
@@ -80,26 +73,11 @@ def two_processes(tmp_path_factory):
     np.save(root / "tokens.npy", tokens)
     file_bytes = sum(f.stat().st_size for f in (root / "ckpt").glob("*.safetensors"))
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    for name in ("GPTOSS_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "GPTOSS_NUM_PROCESSES",
-                 "GPTOSS_PROCESS_ID"):
-        env.pop(name, None)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, str(root / "ckpt"),
-                               str(root / "tokens.npy")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    deadline = time.time() + 240
-    outs = []
-    try:
-        # the single-process reference, computed while the two processes run
-        ref = np.asarray(gj.load_model(root / "ckpt", jnp.float32, progress=False)(tokens))
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
-            outs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    port = str(free_port())
+    # the single-process reference, computed while the two processes run
+    ref, outs = run_job([[sys.executable, "-c", WORKER, str(i), port, str(root / "ckpt"), str(root / "tokens.npy")]
+                         for i in range(2)], job_env(4), timeout=240,
+                        meanwhile=lambda: np.asarray(gj.load_model(root / "ckpt", jnp.float32, progress=False)(tokens)))
     for code, out, err in outs:
         assert code == 0, err[-3000:]
     results = [json.loads(out.split("RESULT", 1)[1]) for _, out, _ in outs]
@@ -123,25 +101,3 @@ def test_each_process_reads_only_its_slices(two_processes):
     _, _, results, file_bytes = two_processes
     for r in results:
         assert 0.4 * file_bytes < r["bytes_read"] < 0.6 * file_bytes, (r["bytes_read"], file_bytes)
-
-
-def test_coordinator_settings_from_flags_and_environment():
-    import argparse
-
-    from gptoss_jax import distributed
-
-    parser = argparse.ArgumentParser()
-    distributed.add_distributed_args(parser, mesh=True)
-    env = {"GPTOSS_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "GPTOSS_PROCESS_ID": "3"}
-    s = distributed.settings(parser.parse_args([]), env)
-    assert (s.coordinator_address, s.num_processes, s.process_id, s.wanted) == ("10.0.0.1:1234", 4, 3, True)
-    s = distributed.settings(parser.parse_args(["--process-id", "1", "--mesh", "fsdp=8"]), env)  # flags win
-    assert (s.num_processes, s.process_id) == (4, 1)
-    assert not distributed.settings(parser.parse_args([]), {}).wanted  # nothing set: single process
-    assert not distributed.settings(parser.parse_args(["--distributed", "off"]), env).wanted
-    assert distributed.settings(parser.parse_args(["--distributed", "auto"]), {}).wanted  # JAX detects the rest
-    with pytest.raises(ValueError, match="process id 4 is outside 0 .. 3"):
-        distributed.settings(parser.parse_args(["--process-id", "4"]), env)
-    with pytest.raises(ValueError, match="number of processes must be an integer"):
-        distributed.settings(None, {"GPTOSS_NUM_PROCESSES": "two"})
-    assert not distributed.initialize(parser.parse_args([]), environ={})  # a no-op without settings

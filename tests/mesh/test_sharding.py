@@ -6,13 +6,15 @@ generation the same tokens (the MoE expert-parallel wherever the mesh has expert
 the mesh (each device's slices read from the files) holds exactly the values of the single-device load, sharded
 alike; `gptoss-jax plan`'s per-device figures equal the real shards' bytes; and one fine-tuning step (a second
 subprocess) gives one device's loss, gradient norm and parameters. Gradients of every parameter of an MXFP4 model
-through the expert-parallel MoE are compared in the slow tier.
+through the expert-parallel MoE are compared in the slow tier. The mesh tier (`make mesh`); `partition_spec` on
+its own: tests/test_mesh_settings.py.
 """
 
 import textwrap
 
 import pytest
-from jax.sharding import PartitionSpec as P
+
+pytestmark = pytest.mark.mesh
 
 SCRIPT = textwrap.dedent('''
     import dataclasses, json, sys, tempfile
@@ -225,16 +227,3 @@ def test_parameters_are_sharded_as_the_table_says(results, mesh):
     for path, want in EXPECTED[mesh].items():
         got = specs[path] + [None] * (len(want) - len(specs[path]))  # PartitionSpec drops trailing Nones
         assert got == want, (path, got, want)
-
-
-def test_partition_spec_replicates_what_does_not_divide():
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from gptoss_jax.sharding import partition_spec
-
-    mesh = Mesh(np.empty((1, 1, 1, 2), dtype=object), ("data", "fsdp", "tensor", "expert"))  # shapes only
-    assert partition_spec(("experts", "embed"), (5, 64), mesh) == P(None, None)  # 5 experts on expert=2
-    assert partition_spec(("experts", "embed"), (4, 64), mesh) == P("expert", None)
-    with pytest.raises(KeyError, match="no sharding rule for logical axis 'hidden'"):
-        partition_spec(("hidden",), (4,), mesh)
