@@ -6,7 +6,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 # The keys of the reference `gpt_oss.torch.model.ModelConfig`, in its order. The original layout's config.json
 # holds exactly these: the reference builds its config with `ModelConfig(**json)` and refuses any other key.
@@ -240,9 +241,7 @@ class ModelConfig:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> ModelConfig:
         """The config of a checkpoint folder in either layout (or an HF snapshot root holding `original/`)."""
-        from gptoss_jax.checkpoint import find_layout  # checkpoint imports config
-
-        return find_layout(path).config
+        return read_checkpoint_config(path)[2]
 
 
 def _typed(cls, name: str, value: Any, source: str):
@@ -267,3 +266,33 @@ def load_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[Path, Literal["original", "hf"], ModelConfig]:
+    """(folder, layout, config) of the checkpoint at `path`: the folder itself, or its original/ (an HF snapshot
+    root), whichever first holds config.json beside *.safetensors weights.
+
+    It lives here, not in `gptoss_jax.checkpoint` (which reads the tensors and turns these errors into
+    CheckpointErrors), so that config depends on nothing of ours.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"checkpoint folder {root} does not exist or is not a folder")
+    folder = next((f for f in (root, root / "original") if (f / "config.json").is_file() and safetensors_files(f)),
+                  None)
+    if folder is None:
+        if (root / "config.json").is_file():
+            raise ConfigError(f"{root} has a config.json but no *.safetensors weights (nor an original/ folder "
+                              "that has both)")
+        raise ConfigError(f"{root} is neither checkpoint layout: expected config.json with *.safetensors files "
+                          "(the original or the Hugging Face layout), or an original/ folder holding them")
+    data = load_json(folder / "config.json")
+    fmt: Literal["original", "hf"] = "hf" if "model_type" in data else "original"
+    if fmt == "original" and "num_experts" not in data:
+        raise ConfigError(f"{folder / 'config.json'} is neither an original gpt-oss config (num_experts, ...) "
+                          "nor a Hugging Face one (model_type: gpt_oss)")
+    return folder, fmt, ModelConfig.from_json_dict(data, str(folder / "config.json"))
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import gptoss_jax as gj
-import gptoss_jax.checkpoint as ckpt_mod
+import gptoss_jax.checkpoint.save as ckpt_mod
 from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint import INDEX_FILE, convert_checkpoint
 
