@@ -35,14 +35,15 @@ WORKER = textwrap.dedent('''
                                                    hostname="127.0.0.1")), priority=0, fail_quietly=False)
     from jax.experimental import multihost_utils
     import gptoss_jax as gj
-    from gptoss_jax import checkpoint, expert_parallel
+    from gptoss_jax import expert_parallel
+    from gptoss_jax.checkpoint.files import Reader
     read = {"bytes": 0}
-    real_read_slice = checkpoint._Reader.read_slice
+    real_read_slice = Reader.read_slice
     def counting(self, name, index):
         x = real_read_slice(self, name, index)
         read["bytes"] += x.nbytes
         return x
-    checkpoint._Reader.read_slice = counting
+    Reader.read_slice = counting
     ep_calls = [0]
     real_moe = expert_parallel.moe
     def moe(*a, **k):
