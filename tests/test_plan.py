@@ -1,7 +1,7 @@
 """`gptoss-jax plan`: per-device memory from the sharding table on an abstract mesh (no devices needed).
 
 The figures are checked against shard sizes worked out by hand from docs/spec.md's tensor shapes and the table's
-documented rules (the real per-device bytes of sharded arrays are checked in test_sharding.py's 8-device run).
+documented rules (the real per-device bytes of sharded arrays are checked in tests/mesh/test_sharding.py's 8-device run).
 """
 
 import math
