@@ -15,15 +15,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax import mxfp4
+from gptoss_jax.checkpoint.layout import EXPERTS
 
 PARTS = {"mxfp4": ("blocks", "scales"), "dense": ("weight",)}
 
-# (part, layer, index) -> that region of one expert matrix's stored part
-ReadPart = Callable[[str, "int | None", tuple[slice, ...]], np.ndarray]
-Region = Callable[["int | None", tuple[slice, ...]], np.ndarray]
+Path = tuple[str, ...]
+Region = Callable[["int | None", tuple[slice, ...]], np.ndarray]  # (layer, index) -> that part of a parameter
 
 
-def convert(stored: str, target: str, read: ReadPart) -> dict[str, Region]:
+def regions(paths, read: Callable[[Path, "int | None", tuple[slice, ...]], np.ndarray], stored: str,
+            target: str) -> dict[Path, Region]:
+    """Our parameters `paths` (experts in `target` storage) as region readers, given `read(path, layer, index)` of
+    the parameters as they are held (experts in `stored` storage)."""
+    out = {p: functools.partial(read, p) for p in paths if p[:-1] not in EXPERTS}
+    for base in EXPERTS:
+        def read_part(part, i, index, base=base):
+            return read(base + (part,), i, index)
+        out.update({base + (part,): f for part, f in _convert(stored, target, read_part).items()})
+    return out
+
+
+def _convert(stored: str, target: str, read) -> dict[str, Region]:
     """Our `target` parts ("blocks"/"scales" or "weight") of one expert matrix as region readers, given `read` of
     its `stored` parts."""
     if stored == target:

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from gptoss_jax.config import ConfigError
-from gptoss_jax.config import load_json as _load_config_json
+from gptoss_jax import config
 
 FILE_DTYPE_BYTES = {"U8": 1, "BF16": 2, "F16": 2, "F32": 4}
 
@@ -21,8 +20,8 @@ class CheckpointError(ValueError):
 
 def load_json(path: Path) -> dict:
     try:
-        return _load_config_json(path)
-    except ConfigError as e:  # invalid JSON is a bad checkpoint
+        return config.load_json(path)
+    except config.ConfigError as e:  # invalid JSON is a bad checkpoint
         raise CheckpointError(str(e)) from None
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from gptoss_jax.checkpoint import experts as expert_storage
 from gptoss_jax.checkpoint.files import Reader
-from gptoss_jax.checkpoint.layout import EXPERTS, Rule, file_bytes, find_layout, tensor_rules, whole
+from gptoss_jax.checkpoint.layout import file_bytes, find_layout, tensor_rules, whole
 from gptoss_jax.checkpoint.validate import validate
 from gptoss_jax.model import Transformer
 from gptoss_jax.sharding import variable_shardings
@@ -47,7 +47,9 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
     with tqdm(total=file_bytes(rules, cfg.num_hidden_layers), unit="B", unit_scale=True,
               desc=f"loading {layout.folder.name}", disable=not progress) as bar, \
             Reader(layout.tensor_files, bar) as read:
-        regions = _regions(rules, read, layout.experts, target)
+        by_path = {r.path: r for r in rules}
+        regions = expert_storage.regions(
+            leaves, lambda p, i, index: by_path[p].region(read.read_slice, i, index), layout.experts, target)
         stacked = {}
         for p, leaf in leaves.items():
             x = leaf.get_value()
@@ -65,18 +67,6 @@ def load_model(path: str | os.PathLike, dtype=jnp.bfloat16, mesh=None, *,
     for p, buf in stacked.items():
         leaves[p].set_value(buf)
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-def _regions(rules: list[Rule], read: Reader, stored: str, target: str) -> dict:
-    """Our flat path -> `region(layer, index)`: that part of our parameter, read from the files and converted
-    between expert storages when `target` is not `stored`."""
-    by_path = {r.path: r for r in rules}
-    out = {r.path: functools.partial(r.region, read.read_slice) for r in rules if r.path[:-1] not in EXPERTS}
-    for base in EXPERTS:
-        def read_part(part, i, index, base=base):
-            return by_path[base + (part,)].region(read.read_slice, i, index)
-        out.update({base + (part,): f for part, f in expert_storage.convert(stored, target, read_part).items()})
-    return out
 
 
 def _array(shape, dtype, sharding, region) -> jax.Array:

@@ -51,13 +51,14 @@ def write(params: Params, cfg: ModelConfig, path, format: Format, experts: str, 
     dest = Path(path)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    rules = tensor_rules(cfg, format, "dense" if experts == "bf16" else "mxfp4")
+    file_experts = "dense" if experts == "bf16" else "mxfp4"
+    rules = tensor_rules(cfg, format, file_experts)
     tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         with tqdm(total=file_bytes(rules, cfg.num_hidden_layers), unit="B", unit_scale=True,
                   desc=f"writing {dest.name}", disable=not progress) as bar:
-            shards = _write_shards(tmp, _tensors(rules, cfg, params), max_shard_bytes, bar)
+            shards = _write_shards(tmp, _tensors(rules, cfg, params, file_experts), max_shard_bytes, bar)
         config = cfg.to_original_json() if format == "original" else cfg.to_hf_json()
         if experts == "bf16":
             config.pop("quantization_config")
@@ -71,19 +72,15 @@ def write(params: Params, cfg: ModelConfig, path, format: Format, experts: str, 
     return dest
 
 
-def _tensors(rules: list[Rule], cfg: ModelConfig, params: Params):
-    """Yield (name, numpy array) in file order: globals first, then layer by layer, the experts converted between
-    storages where the file's differs from the parameters'."""
+def _tensors(rules: list[Rule], cfg: ModelConfig, params: Params, file_experts: str):
+    """Yield (name, numpy array) in file order: globals first, then layer by layer, the experts converted to
+    `file_experts` storage where the parameters hold the other."""
     for r in rules:
         if not r.per_layer:
             yield r.names[0], _to_file_dtype(params[r.path](None), r.kind)
     held = "dense" if EXPERTS[0] + ("weight",) in params else "mxfp4"
-    wanted = "dense" if any(r.path[-1] == "weight" for r in rules) else "mxfp4"
-    regions = {r.path: (lambda i, index, r=r: params[r.path](i)[index]) for r in rules if r.path[:-1] not in EXPERTS}
-    for base in EXPERTS:
-        def read_part(part, i, index, base=base):
-            return params[base + (part,)](i)[index]
-        regions.update({base + (part,): f for part, f in expert_storage.convert(held, wanted, read_part).items()})
+    regions = expert_storage.regions([r.path for r in rules], lambda p, i, index: params[p](i)[index], held,
+                                     file_experts)
     for i in range(cfg.num_hidden_layers):
         for r in rules:
             if r.per_layer:
