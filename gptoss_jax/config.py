@@ -240,7 +240,8 @@ class ModelConfig:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> ModelConfig:
-        """The config of a checkpoint folder in either layout (or an HF snapshot root holding `original/`)."""
+        """The config of a checkpoint folder in either layout (or an HF snapshot root holding `original/`); a folder
+        that holds no checkpoint is a ConfigError (`gj.load_model` and `gj.find_layout` say CheckpointError)."""
         return read_checkpoint_config(path)[2]
 
 

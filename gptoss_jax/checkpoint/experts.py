@@ -19,12 +19,12 @@ from gptoss_jax.checkpoint.layout import EXPERTS
 
 PARTS = {"mxfp4": ("blocks", "scales"), "dense": ("weight",)}
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 Region = Callable[["int | None", tuple[slice, ...]], np.ndarray]  # (layer, index) -> that part of a parameter
 
 
-def regions(paths, read: Callable[[Path, "int | None", tuple[slice, ...]], np.ndarray], stored: str,
-            target: str) -> dict[Path, Region]:
+def regions(paths, read: Callable[[ParamPath, "int | None", tuple[slice, ...]], np.ndarray], stored: str,
+            target: str) -> dict[ParamPath, Region]:
     """Our parameters `paths` (experts in `target` storage) as region readers, given `read(path, layer, index)` of
     the parameters as they are held (experts in `stored` storage)."""
     out = {p: functools.partial(read, p) for p in paths if p[:-1] not in EXPERTS}
