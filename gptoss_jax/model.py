@@ -49,6 +49,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         D, NH = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
         self.cfg = cfg
+        self.kernels = ops.kernel_mode(cfg.kernels)
         self.norm = RMSNorm(cfg, dtype, rngs)
         self.qkv_w = nnx.Param(_normal(rngs, (cfg.qkv_size, D), D**-0.5, dtype), axes=("qkv", "embed"))
         self.qkv_b = nnx.Param(_normal(rngs, (cfg.qkv_size,), 0.02, dtype), axes=("qkv",))
@@ -70,12 +71,12 @@ class Attention(nnx.Module):
         sinks_KG = self.sinks[...].reshape(K, G)
         if kv is None:
             o = ops.attention(q_BTKGH, k_BTKH, v_BTKH, sinks_KG, window=window, sm_scale=H**-0.5,
-                              segment_ids_BT=segment_ids_BT, kernels=cfg.kernels)
+                              segment_ids_BT=segment_ids_BT, kernels=self.kernels)
             new_kv = None
         else:
             layer_k, layer_v, ring = kv
             o, *new_kv = kvcache.attend(layer_k, layer_v, q_BTKGH, k_BTKH, v_BTKH, sinks_KG, chunk, window=window,
-                                        sm_scale=H**-0.5, ring=ring, kernels=cfg.kernels)
+                                        sm_scale=H**-0.5, ring=ring, kernels=self.kernels)
         return x_BTD + ops.linear(o.reshape(B, T, K * G * H), self.out_w[...], self.out_b[...]), new_kv
 
 
@@ -108,10 +109,19 @@ class DenseExperts(nnx.Module):
         return self.weight[...]
 
 
+def route(t_BTD, gate_w_ED, gate_b_E, k: int) -> tuple[jax.Array, jax.Array]:
+    """The router, in float32: each token's k experts [B, T, k] by raw logit (top-k), and their weights, a softmax
+    over those k logits only."""
+    logits_BTE = ops.linear(t_BTD.astype(jnp.float32), gate_w_ED.astype(jnp.float32), gate_b_E.astype(jnp.float32))
+    top_BTK, expert_BTK = jax.lax.top_k(logits_BTE, k)
+    return expert_BTK, jax.nn.softmax(top_BTK, axis=-1)
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, experts: ExpertFormat, rngs: nnx.Rngs):
         E, D, F = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.cfg = cfg
+        self.kernels = ops.kernel_mode(cfg.kernels)
         self.norm = RMSNorm(cfg, dtype, rngs)
         self.gate_w = nnx.Param(_normal(rngs, (E, D), D**-0.5, dtype), axes=("experts", "embed"))
         self.gate_b = nnx.Param(_normal(rngs, (E,), 0.1, dtype), axes=("experts",))
@@ -129,34 +139,17 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BTD):
         cfg = self.cfg
-        B, T, D = x_BTD.shape
-        k = cfg.experts_per_token
         mesh = mesh_of_array(self.mlp1_b[...])  # None on one device
         x_BTD = constrain(x_BTD, RESIDUAL, mesh)  # the residual stream at the block boundary, as the table says
-        t_TD = self.norm(x_BTD).reshape(B * T, D)
-        # Router in float32: top-k of the raw logits, then softmax over those k only.
-        logits_TE = ops.linear(t_TD.astype(jnp.float32), self.gate_w[...].astype(jnp.float32),
-                               self.gate_b[...].astype(jnp.float32))
-        top_TK, expert_TK = jax.lax.top_k(logits_TE, k)
-        weight_TK = jax.nn.softmax(top_TK, axis=-1)
-        if mesh is not None:  # on a mesh: each device runs the experts it holds (see expert_parallel)
-            y_BTD = expert_parallel.moe(
-                t_TD.reshape(B, T, D), expert_TK.reshape(B, T, k), weight_TK.reshape(B, T, k), self.mlp1.weights(),
-                self.mlp1_b[...], self.mlp2.weights(), self.mlp2_b[...], mesh=mesh, alpha=cfg.swiglu_alpha,
-                limit=cfg.swiglu_limit, kernels=cfg.kernels, dtype=x_BTD.dtype)
-            return constrain(x_BTD + y_BTD.astype(x_BTD.dtype), RESIDUAL, mesh)
-        # Sort the (token, expert) pairs by expert so each expert's rows are contiguous.
-        expert_M = expert_TK.reshape(-1)
-        order_M = jnp.argsort(expert_M, stable=True)
-        group_sizes_E = jnp.bincount(expert_M, length=cfg.num_experts)
-        x_MD = jnp.take(t_TD, order_M // k, axis=0)
-        a_MF = ops.grouped_matmul_swiglu(x_MD, group_sizes_E, self.mlp1.weights(), self.mlp1_b[...],
-                                         alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, kernels=cfg.kernels)
-        y_MD = ops.grouped_matmul(a_MF.astype(x_BTD.dtype), group_sizes_E, self.mlp2.weights(), self.mlp2_b[...],
-                                  kernels=cfg.kernels)
-        y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(B * T, k, D)
-        y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK)
-        return constrain(x_BTD + y_TD.reshape(B, T, D).astype(x_BTD.dtype), RESIDUAL, mesh)
+        t_BTD = self.norm(x_BTD)
+        expert_BTK, weight_BTK = route(t_BTD, self.gate_w[...], self.gate_b[...], cfg.experts_per_token)
+        experts = (self.mlp1.weights(), self.mlp1_b[...], self.mlp2.weights(), self.mlp2_b[...])
+        swiglu_kw = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, kernels=self.kernels)
+        if mesh is None:
+            y_BTD = ops.dispatch(t_BTD, expert_BTK, weight_BTK, *experts, **swiglu_kw)
+        else:  # on a mesh: each device runs the experts it holds
+            y_BTD = expert_parallel.moe(t_BTD, expert_BTK, weight_BTK, *experts, mesh=mesh, **swiglu_kw)
+        return constrain(x_BTD + y_BTD.astype(x_BTD.dtype), RESIDUAL, mesh)
 
 
 class Block(nnx.Module):
@@ -233,52 +226,36 @@ class Transformer(nnx.Module):
         return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
     def _run_blocks(self, x_BTD, cos, sin, caches=None, chunk=None, *, segment_ids_BT=None, remat: str = "none"):
-        """The layer stack under a scan over (sliding, full) pairs. `caches` = {"full": (k, v), "ring": (k, v)},
-        each stacked over its layers, is carried through the scan and updated in place. On XLA:CPU inference
-        differs in form only (`ops.unroll_layers`): decode steps run the layers unrolled, prefill scans over the
-        weights' bit patterns."""
+        """The layer stack: one scan over (sliding, full) pairs, then the trailing sliding layer of an odd depth.
+        `caches` = {"full": (k, v), "ring": (k, v)}, each stacked over its layers, is carried through the scan and
+        updated in place. How the loop reads the stacked weights is the platform's (`ops.forms(x).layers`)."""
         cfg = self.config
         graphdef, state = nnx.split(self.blocks)
-        L = cfg.num_hidden_layers
-        restore = lambda s: s  # noqa: E731  (bitcasts back where the weights cross the scan as bit patterns)
+        layers = ops.forms(x_BTD).layers(state, x_BTD, cached=caches is not None)
 
         def block(x, layer_state, kv, window):
-            return nnx.merge(graphdef, restore(layer_state))(x, cos, sin, window=window, kv=kv, chunk=chunk,
-                                                             segment_ids_BT=segment_ids_BT)
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, window=window, kv=kv, chunk=chunk,
+                                                    segment_ids_BT=segment_ids_BT)
 
         if REMAT_POLICIES[remat] is not None:  # training: recompute each layer's activations in the backward pass
             block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], static_argnums=(3,), prevent_cse=False)
 
-        def layer(x, caches, layer_state, i, idx):
-            window, kind = cfg.layer_window(i), "ring" if i % 2 == 0 else "full"
+        def layer(carry, idx, i):  # layer 2 * idx + i: sliding (i = 0, ring cache idx) or full (i = 1, full cache idx)
+            x, caches = carry
+            window, kind = cfg.layer_window(i), ("ring", "full")[i]
             kv = None if caches is None else (*(a[idx] for a in caches[kind]), kind == "ring")
             with jax.named_scope(f"block_{'sliding' if window else 'full'}"):
-                x, new_kv = block(x, layer_state, kv, window)
+                x, new_kv = block(x, layers.take(2 * idx + i), kv, window)
             if caches is not None:
                 caches = {**caches, kind: tuple(a.at[idx].set(n) for a, n in zip(caches[kind], new_kv))}
             return x, caches
 
         def pair(carry, idx):
-            x, caches = carry
-            for i in (0, 1):  # each layer's weights indexed out of the stacks in place (no slice per pair)
-                layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, 2 * idx + i, keepdims=False),
-                                           state)
-                x, caches = layer(x, caches, layer_state, i, idx)
-            return (x, caches), None
+            return layer(layer(carry, idx, 0), idx, 1), None
 
-        if caches is not None and x_BTD.shape[1] == 1 and ops.unroll_layers(x_BTD):  # decoding on XLA:CPU (see there)
-            for i in range(L):
-                x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: ops.layer_slice(a, i), state), i, i // 2)
-            return x_BTD, caches
-        if caches is not None:  # prefill: see ops.scan_operands
-            state, restore = ops.scan_operands(state, x_BTD)
-        if L // 2:
-            # The stacks are closed over, not scanned as operands: reshaped into pairs, TPU's compiler copied
-            # every stacked weight whose minor dimension is not 128-aligned (2880) once per call.
-            (x_BTD, caches), _ = jax.lax.scan(pair, (x_BTD, caches), jnp.arange(L // 2))
-        if L % 2:  # a trailing even-indexed (sliding) layer
-            x_BTD, caches = layer(x_BTD, caches, jax.tree.map(lambda a: a[L - 1], state), L - 1, L // 2)
-        return x_BTD, caches
+        L = cfg.num_hidden_layers
+        carry = layers.scan(pair, (x_BTD, caches), L // 2)
+        return layer(carry, L // 2, 0) if L % 2 else carry
 
 
 # Per-layer rematerialization for training: "none" keeps every activation, "full" recomputes the whole layer in the

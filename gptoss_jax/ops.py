@@ -2,15 +2,15 @@
 
 Attention and the expert matmuls run either as the Pallas kernels in `gptoss_kernels` or as their pure-XLA twins
 (the specification), behind the same signatures; `ModelConfig.kernels` chooses (`implementation`): by default the
-kernels on TPU and GPU, the twins elsewhere, and the environment variable GPTOSS_KERNELS overrides that default.
-"TPU" and "GPU" mean the platform the program is compiled for (`target_platform`: the devices its arrays are
-placed or sharded on), not the host: a step traced on a CPU host for a TPU mesh holds the Mosaic kernels.
-Under a mesh every kernel runs inside `shard_map` (Mosaic and Triton calls cannot be partitioned automatically),
-split by the logical-axis table: attention over batch and kv heads, the MoE as `expert_parallel` lays it out.
+kernels on TPU and GPU, the twins elsewhere, and the environment variable GPTOSS_KERNELS overrides that default,
+read once when a model is built (`kernel_mode`). "TPU" and "GPU" mean the platform the program is compiled for
+(`target_platform`: the devices its arrays are placed or sharded on), not the host: a step traced on a CPU host
+for a TPU mesh holds the Mosaic kernels. Under a mesh every kernel runs inside `shard_map` (Mosaic and Triton
+calls cannot be partitioned automatically), split by the logical-axis table: attention over batch and kv heads,
+the MoE as `expert_parallel` lays it out.
 
-On XLA:CPU the form of a product decides its speed by up to 10-30x (docs/cpu_performance.md has the measured
-tables), so the CPU forms are chosen here, by shape, at trace time. Every form computes the same float32
-accumulation of exact products; only the summation order differs.
+How the dense products, the XLA expert matmuls and the layer loop are written is the platform's (`forms`): the
+plain expressions on TPU and GPU, XLA:CPU's own forms on CPU (`gptoss_jax.forms`).
 """
 
 import math
@@ -20,21 +20,18 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.config import KERNEL_MODES, ConfigError
+from gptoss_jax.forms import CPUForms, Forms
 from gptoss_jax.sharding import mesh_of_array, partition_spec
 from gptoss_kernels.attention import attention_xla
 from gptoss_kernels.attention_pallas import decode_attention, flash_attention
-from gptoss_kernels.moe import expert_loop_matmul_xla, grouped_matmul_xla, rowwise_matmul_xla, swiglu
+from gptoss_kernels.moe import swiglu
 from gptoss_kernels.moe_pallas import grouped_matmul_pallas, grouped_matmul_swiglu_pallas
 
 KERNELS_ENV = "GPTOSS_KERNELS"
-
-# XLA:CPU rewrites a matrix-vector dot into one loop fusion that reads the matrix once, on both cores, with any
-# elementwise producer (a bf16 -> f32 convert, an MXFP4 decode) fused in, but only while the contracted length
-# is below this; from 4096 on it falls back to a generic dot that first materializes an f32 copy of the matrix.
-_CPU_GEMV_MAX_K = 4095
-# grouped_matmul: up to this many rows (decode: batch x experts per token) run row by row, each reading only its
-# own expert's bytes; above it (prefill) a loop over experts decodes each routed expert once for all its rows.
-ROWWISE_MAX_ROWS = 64
+# "auto" with no environment override, resolved: the kernels on TPU and GPU, the twins elsewhere.
+PLATFORM_KERNELS = "platform"
+_FORMS = {"cpu": CPUForms()}
+_PLAIN = Forms()
 
 
 def target_platform(x) -> str:
@@ -47,19 +44,28 @@ def target_platform(x) -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
-def _on_cpu(x) -> bool:
-    return target_platform(x) == "cpu"
+def forms(like) -> Forms:
+    """The product and layer-loop forms of the platform the program holding the array `like` is compiled for."""
+    return _FORMS.get(target_platform(like), _PLAIN)
+
+
+def kernel_mode(kernels: str) -> str:
+    """A `ModelConfig.kernels` value with "auto" resolved against the GPTOSS_KERNELS override. Modules call this
+    once, when built, and keep the result, so a traced program never reads the environment."""
+    if kernels != "auto":
+        return kernels
+    kernels = os.environ.get(KERNELS_ENV, "auto")
+    if kernels not in KERNEL_MODES:
+        raise ConfigError(f"{KERNELS_ENV}={kernels!r}: expected one of {KERNEL_MODES}")
+    return PLATFORM_KERNELS if kernels == "auto" else kernels
 
 
 def implementation(kernels: str, like) -> tuple[str, bool, str | None]:
-    """(implementation, interpret, kernel backend) for a `ModelConfig.kernels` value and the program holding the
-    array `like`: ("xla", False, None) for the twins, ("pallas", interpret?, "tpu" | "gpu")."""
-    if kernels == "auto":
-        kernels = os.environ.get(KERNELS_ENV, "auto")
-        if kernels not in KERNEL_MODES:
-            raise ConfigError(f"{KERNELS_ENV}={kernels!r}: expected one of {KERNEL_MODES}")
+    """(implementation, interpret, kernel backend) for a `ModelConfig.kernels` value (or a `kernel_mode`) and the
+    program holding the array `like`: ("xla", False, None) for the twins, ("pallas", interpret?, "tpu" | "gpu")."""
+    kernels = kernel_mode(kernels)
     platform = target_platform(like)
-    if kernels == "auto":
+    if kernels == PLATFORM_KERNELS:
         kernels = "pallas" if platform in ("tpu", "gpu") else "xla"
     if kernels.startswith("interpret-"):
         return "pallas", True, kernels.removeprefix("interpret-")
@@ -70,85 +76,13 @@ def implementation(kernels: str, like) -> tuple[str, bool, str | None]:
 
 
 def linear(x, w_OI, b_O=None, out_dtype=None):
-    """x @ w.T (+ b) with w stored (out, in) as in both checkpoint layouts; accumulates in float32.
-
-    Keep every big dense product here: on XLA:CPU the fast form of a bf16 product depends on the number of rows
-    (measured on the 201088 x 2880 unembedding, 2 cores; docs/cpu_performance.md):
-    - 1 row: `f32(x) @ f32(w).T` becomes a fused matrix-vector loop (47 ms, ~25 GB/s); the same product as
-      `dot_general(..., preferred_element_type=f32)` upcasts the whole matrix first (1470 ms).
-      XLA makes that rewrite only while K < 4096, so longer rows are cut into pieces.
-    - 2+ rows: `dot_general(bf16, bf16, preferred_element_type=f32)` runs as one YNNPACK bf16 kernel; every
-      other form upcasts the matrix to f32 first (8 rows: 52-110 ms against 720-1950 ms).
-    """
+    """x @ w.T (+ b) with w stored (out, in) as in both checkpoint layouts; accumulates in float32. Keep every big
+    dense product here: its form is the platform's (`forms`; on XLA:CPU it follows the number of rows)."""
     lead, K = x.shape[:-1], x.shape[-1]
-    rows = math.prod(lead)
-    x_RK = x.reshape(rows, K)
-    pieces = -(-K // _CPU_GEMV_MAX_K)
-    on_cpu = _on_cpu(x)
-    if on_cpu and rows == 1 and K % pieces == 0:
-        # XLA stops that rewrite at K = 4096 (the 20b's attention output projection): cut K into pieces below it
-        # (2880 x 4096 in the model: 2.3 ms, against 7-10 ms padded to 2 rows for YNNPACK, which copies the layer's
-        # weight out first, and 37 ms as is). Their sum goes behind a barrier: fused into the last product, it
-        # costs that product the rewrite.
-        if pieces > 1:
-            # Materialize the vector as one row first (XLA never fuses a reduction into its consumer): fused, each
-            # piece would recompute it from its producer's shape, e.g. the attention output's [K, G, H], with index
-            # arithmetic per element (5.2 ms for a 2880 x 2048 piece, against 1.1 ms).
-            x_RK = jnp.max(jnp.stack([x_RK, x_RK]), axis=0)
-        parts = [x_p.astype(jnp.float32) @ w_p.astype(jnp.float32).T
-                 for x_p, w_p in zip(jnp.split(x_RK, pieces, axis=1), jnp.split(w_OI, pieces, axis=1))]
-        y = sum(jax.lax.optimization_barrier(parts)) if pieces > 1 else parts[0]
-    else:
-        if on_cpu and rows == 1:  # no even cut: pad to 2 rows and take the YNNPACK form
-            x_RK = jnp.concatenate([x_RK, jnp.zeros_like(x_RK)])
-        dims = (((1,), (1,)), ((), ()))
-        y = jax.lax.dot_general(x_RK, w_OI, dims, preferred_element_type=jnp.float32)[:rows]
+    y = forms(x).matmul(x.reshape(math.prod(lead), K), w_OI)
     if b_O is not None:
         y = y + b_O.astype(jnp.float32)
     return y.reshape(*lead, -1).astype(out_dtype or x.dtype)
-
-
-def unroll_layers(x) -> bool:
-    """Whether decode steps run the layers as straight-line code instead of under a scan: on XLA:CPU.
-
-    XLA:CPU slices bf16 arrays through float32, and inside a loop it hoists that convert out: a scan over the
-    stacked layers converted all layers' weights to a float32 copy on every call (2x the bf16 weights in extra
-    memory; for the 20b's 2880 x 4096 attention output projection 19 ms a layer against 2 ms). Bitcasting the
-    weights to same-width integers around the loop stops the hoisting but makes XLA copy every stacked weight per
-    call. Indexed one layer at a time (`layer_slice`), each weight is read in place by its product: 4 layers at the
-    20b's widths decode in 106 ms a token instead of 960. The price is compile time that grows with depth, for the
-    decode step on CPU only. Prefill keeps the scan: its expert loops take each layer's experts as loop operands,
-    which XLA copies out of the stacked weights, and unrolled it schedules all layers' copies at once (the 20b
-    then needs 24 GB); the full forward (training, parity) keeps it too.
-    """
-    return _on_cpu(x)
-
-
-def scan_operands(tree, like):
-    """(tree, restore) for a scan over stacked layers on XLA:CPU: bf16 leaves cross the loop as their uint16 bit
-    patterns and `restore` bitcasts one layer's slice back inside the body.
-
-    For the prefill scan (see `unroll_layers`): otherwise XLA converts every stacked bf16 weight to a float32 copy
-    per call (2x their size: 2.6 GB for the 20b), where this way it copies them once at their own width. A bitcast
-    to integers has no gradient: inference only. Elsewhere the tree passes unchanged.
-    """
-    if not _on_cpu(like):
-        return tree, lambda t: t
-    dtypes = jax.tree.map(lambda a: a.dtype, tree)
-    return jax.tree.map(_bits, tree), lambda t: jax.tree.map(
-        lambda a, dtype: a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype), t, dtypes)
-
-
-def layer_slice(stacked, i: int):
-    """Layer i of a stacked weight, for the unrolled layers. A bf16 array is sliced as its uint16 bit pattern:
-    XLA:CPU slices bf16 through float32, which makes a slice read by two products a materialized copy."""
-    layer = _bits(stacked)[i]
-    return layer if layer.dtype == stacked.dtype else jax.lax.bitcast_convert_type(layer, stacked.dtype)
-
-
-def _bits(a):
-    """A bf16 array as its uint16 bit patterns (a same-width stand-in XLA:CPU neither converts nor hoists)."""
-    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
 
 
 # Logical axes of attention's operands (the sharding table splits batch and kv heads; the rest stays whole).
@@ -196,26 +130,12 @@ def _per_device(kernel, args, axes):
 
 
 def grouped_matmul(x_MK, group_sizes_E, w, bias_EN, *, kernels: str = "auto"):
-    """Expert-sorted rows times their experts' (MXFP4-packed or dense) weights, plus bias; float32 [M, N].
-
-    The twins on CPU (20b widths, mlp1, 2 cores; docs/cpu_performance.md):
-    - decode-sized calls (M <= ROWWISE_MAX_ROWS) run row by row, each row fused matrix-vector products over its
-      own expert's weights (`rowwise_matmul_xla`): 4 rows (batch 1) 5 ms against 224 ms for the grouped
-      matmul, which scans all (row tile, expert) work items and decodes a whole expert for each;
-    - larger calls (prefill) decode each routed expert once and multiply all of its rows
-      (`expert_loop_matmul_xla`): 256 rows 0.45 s against 2.1 s.
-    Both treat dense experts exactly as packed ones (bit-identical results) and differentiate as the
-    specification does.
-    """
+    """Expert-sorted rows times their experts' (MXFP4-packed or dense) weights, plus bias; float32 [M, N]. Rows
+    past the groups come out zero from the twins (not necessarily from the kernels)."""
     impl, interpret, backend = implementation(kernels, x_MK)
     if impl == "pallas":
         return grouped_matmul_pallas(x_MK, group_sizes_E, w, bias_EN, interpret=interpret, backend=backend)
-    if _on_cpu(x_MK):
-        K = x_MK.shape[1] // 2  # both CPU forms contract the even and the odd columns apart
-        if x_MK.shape[0] <= ROWWISE_MAX_ROWS and K <= _CPU_GEMV_MAX_K:
-            return rowwise_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
-        return expert_loop_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
-    return grouped_matmul_xla(x_MK, group_sizes_E, w, bias_EN)
+    return forms(x_MK).expert_matmul(x_MK, group_sizes_E, w, bias_EN)
 
 
 def grouped_matmul_swiglu(x_MK, group_sizes_E, w, bias_EN, *, alpha: float, limit: float, kernels: str = "auto"):
@@ -226,3 +146,26 @@ def grouped_matmul_swiglu(x_MK, group_sizes_E, w, bias_EN, *, alpha: float, limi
         return grouped_matmul_swiglu_pallas(x_MK, group_sizes_E, w, bias_EN, alpha=alpha, limit=limit,
                                             interpret=interpret, backend=backend)
     return swiglu(grouped_matmul(x_MK, group_sizes_E, w, bias_EN, kernels="xla"), alpha, limit)
+
+
+def dispatch(t_BTD, expert_BTK, weight_BTK, w1, b1, w2, b2, *, first=0, alpha: float, limit: float,
+             kernels: str) -> jax.Array:
+    """The experts' part of the MoE for routed tokens: float32 [B, T, D] = sum_k weight * expert(t), over the
+    experts [first, first + E) whose weights w1 [E, 2F, D], w2 [E, D, F] (`Packed` or dense) and biases b1 [E, 2F],
+    b2 [E, D] are given; pairs routed to other experts add nothing (on a mesh each device passes its own block:
+    `expert_parallel`). The SwiGLU output is cast to the tokens' dtype before the second matmul."""
+    B, T, D = t_BTD.shape
+    E, k = b1.shape[0], expert_BTK.shape[-1]
+    local_M = expert_BTK.reshape(-1) - first
+    mine_M = (local_M >= 0) & (local_M < E)
+    # Sort the (token, expert) pairs by expert so each expert's rows are contiguous (stably: the same order on
+    # every layout); other experts' pairs (key E) go last, past the groups.
+    key_M = jnp.where(mine_M, local_M, E)
+    order_M = jnp.argsort(key_M, stable=True)
+    group_sizes_E = jnp.bincount(key_M, length=E + 1)[:E]
+    x_MD = jnp.take(t_BTD.reshape(B * T, D), order_M // k, axis=0)
+    a_MF = grouped_matmul_swiglu(x_MD, group_sizes_E, w1, b1, alpha=alpha, limit=limit, kernels=kernels)
+    y_MD = grouped_matmul(a_MF.astype(t_BTD.dtype), group_sizes_E, w2, b2, kernels=kernels)
+    y_TKD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(B * T, k, D)
+    y_TKD = jnp.where(mine_M.reshape(B * T, k, 1), y_TKD, 0.0)
+    return jnp.einsum("tkd,tk->td", y_TKD, weight_BTK.reshape(B * T, k)).reshape(B, T, D)

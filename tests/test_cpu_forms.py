@@ -1,4 +1,5 @@
-"""Regression tests for the XLA:CPU inference forms in `gptoss_jax.ops` (docs/cpu_performance.md, section 4).
+"""Regression tests for the XLA:CPU layer-loop forms (`gptoss_jax.forms.CPUForms.layers`; docs/cpu_performance.md,
+section 4).
 
 Inside a rolled loop over the stacked layers XLA:CPU converts every stacked bf16 weight to a float32 copy on each
 call (2x the weights in extra memory). The compiled prefill and decode steps must hold no such copy; with the
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 import gptoss_jax as gj
-from gptoss_jax import ops
+from gptoss_jax.forms import CPUForms, Forms
 from gptoss_jax.generate import _steps
 from gptoss_jax.kvcache import KVCache
 
@@ -47,11 +48,10 @@ def test_inference_steps_hold_no_float32_copy_of_the_stacked_weights(monkeypatch
     assert stacked  # qkv_w, out_w, gate_w: [layers, out, in]
     assert _f32_copies(decode_hlo, stacked) == []
     assert _f32_copies(prefill_hlo, stacked) == []
-    # Without the CPU forms the copies are there (what this test guards against).
-    monkeypatch.setattr(ops, "unroll_layers", lambda x: False)
-    monkeypatch.setattr(ops, "scan_operands", lambda tree, like: (tree, lambda t: t))
+    # With the plain layer loop the copies are there (what this test guards against).
+    monkeypatch.setattr(CPUForms, "layers", Forms.layers)
     try:
         prefill_hlo, decode_hlo, stacked = _compiled_steps()
     finally:
-        _steps.cache_clear()  # drop the steps traced without the CPU forms
+        _steps.cache_clear()  # drop the steps traced with the plain loop
     assert _f32_copies(decode_hlo, stacked) and _f32_copies(prefill_hlo, stacked)

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import gptoss_jax as gj
+from gptoss_jax import ops
 from gptoss_jax.model import DenseExperts
 
 CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=3)
@@ -102,3 +103,15 @@ def test_layers_run_under_scan(model, tokens):
     n_eqns = [len(jax.make_jaxpr(lambda t, m=m: m.forward(t))(tokens).eqns) for m in
               (gj.init_model(dataclasses.replace(CFG, num_hidden_layers=2), dtype=jnp.float32), deep)]
     assert n_eqns[0] == n_eqns[1]
+
+
+def test_the_kernel_environment_override_is_read_when_the_model_is_built(monkeypatch, tokens):
+    """GPTOSS_KERNELS overrides "auto" for a model built under it; a trace never reads it again."""
+    cfg = dataclasses.replace(CFG, num_hidden_layers=1)
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    plain = gj.init_model(cfg, dtype=jnp.float32)
+    monkeypatch.setenv(ops.KERNELS_ENV, "interpret-tpu")
+    kernels = gj.init_model(cfg, dtype=jnp.float32)
+    monkeypatch.setenv(ops.KERNELS_ENV, "cuda")  # not a mode: read during a trace, it would raise
+    jaxprs = [str(jax.make_jaxpr(lambda t, m=m: m.forward(t))(tokens[:, :16])) for m in (plain, kernels)]
+    assert ["pallas_call" in j for j in jaxprs] == [jax.default_backend() in ("tpu", "gpu"), True]
