@@ -1,9 +1,15 @@
 """`gptoss-jax finetune` end to end: the loss falls on a learnable task, a run killed with SIGKILL resumes to the
-same numbers as an uninterrupted one, bad input and a mismatched run folder give clear errors, and export works."""
+same numbers as an uninterrupted one, bad input and a mismatched run folder give clear errors, and export works.
 
+Every run here trains in the compact vocabulary (`--compact-vocab`, gptoss_jax.train.vocab: the same losses as the
+full 201,088 tokens when the unseen tokens' unembedding rows are tied, as the starting checkpoint's are here), so
+a run's compile and its checkpoints hold ~70 vocabulary rows, not 201,088: the run folder, resume, divergence and
+export do not depend on the vocabulary's size. Fine-tuning in the full vocabulary, through the same trainer, runs
+in notebooks/04_finetune.ipynb (e2e tier, resumed too) and tests/test_finetune_parity.py (parity tier)."""
+
+import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,30 +19,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptoss_jax.checkpoint import write_random_checkpoint
-from gptoss_jax.config import ModelConfig
-
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "ocean"]
 STEPS = 8
 
 
-def write_echo_data(path: Path, n: int, seed: int) -> None:
-    """A learnable task: the assistant reasons 'echo W' and answers W."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            w = rng.choice(WORDS)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Repeat: {w}"},
-                                             {"role": "assistant", "reasoning_content": f"echo {w}",
-                                              "content": w}]}) + "\n")
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, write_echo_data):
+    import jax.numpy as jnp
+
+    import gptoss_jax as gj
+    from gptoss_jax.checkpoint import write_random_checkpoint
+    from gptoss_jax.config import ModelConfig
+    from gptoss_jax.train.data import read_jsonl
+    from gptoss_jax.train.vocab import CompactVocab
+
     root = tmp_path_factory.mktemp("finetune")
-    write_random_checkpoint(ModelConfig.tiny(), root / "ckpt", progress=False)
     write_echo_data(root / "train.jsonl", 48, 0)
     write_echo_data(root / "eval.jsonl", 6, 1)
+    # a random tiny checkpoint whose unembedding rows of the tokens the data never shows are all equal
+    write_random_checkpoint(ModelConfig.tiny(), root / "random", progress=False)
+    model = gj.load_model(root / "random", jnp.float32, progress=False)
+    used = np.asarray(CompactVocab.of([ex.tokens for name in ("train.jsonl", "eval.jsonl")
+                                       for ex in read_jsonl(root / name, 128)[0]], model.config.vocab_size).used)
+    unemb = np.asarray(model.unembedding[...])
+    tied = np.broadcast_to(unemb[0], unemb.shape).copy()
+    tied[used] = unemb[used]
+    model.unembedding[...] = jnp.asarray(tied)
+    gj.save_checkpoint(model, root / "ckpt", format="original", progress=False)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     return root, env
@@ -46,7 +54,7 @@ def _cmd(root: Path, out: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "gptoss_jax.cli", "finetune", "--checkpoint", str(root / "ckpt"),
             "--data", str(root / "train.jsonl"), "--eval-data", str(root / "eval.jsonl"), "--out", str(out),
             "--steps", str(STEPS), "--save-every", "2", "--eval-every", "4", "--batch-size", "4", "--seq-len", "128",
-            "--lr", "3e-3", "--warmup", "1", "--dtype", "float32", "--no-progress", *extra]
+            "--lr", "3e-3", "--warmup", "1", "--dtype", "float32", "--compact-vocab", "--no-progress", *extra]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -110,14 +118,24 @@ def test_export_from_the_run(setup, uninterrupted, tmp_path):
 
     import gptoss_jax as gj
     from gptoss_jax.train.trainer import load_run
+    from gptoss_jax.train.vocab import CompactVocab
 
-    trained = load_run(root / "run-a", jnp.float32)
+    trained = load_run(root / "run-a", jnp.float32)  # in the run's compact vocabulary
+    vocab = CompactVocab.load(root / "run-a")
+    assert trained.config.vocab_size == vocab.size
     exported = gj.load_model(tmp_path / "hf", jnp.float32, progress=False)
-    tokens = np.arange(5, 40)[None]
-    # bf16 experts in the HF layout: the exported model is the trained one rounded to bf16
-    np.testing.assert_allclose(np.asarray(exported(tokens)), np.asarray(trained(tokens)), atol=0.15, rtol=0.05)
+    assert exported.config.vocab_size == vocab.full_size
+    tokens = np.asarray(vocab.used)[None, :35]
+    full, compact = np.asarray(exported(tokens)), np.asarray(trained(vocab.encode(tokens)))
+    unseen = np.setdiff1d(np.arange(vocab.full_size), vocab.used)
+    # bf16 experts in the HF layout: the exported model is the trained one rounded to bf16; the tokens the run
+    # saw have its logits, every other token the tied row's
+    np.testing.assert_allclose(full[..., list(vocab.used)], compact[..., :-1], atol=0.15, rtol=0.05)
+    some_unseen = full[..., unseen[::997]]
+    np.testing.assert_allclose(some_unseen, np.broadcast_to(compact[..., -1:], some_unseen.shape), atol=0.15,
+                               rtol=0.05)
     reloaded = gj.load_model(tmp_path / "orig", jnp.float32, progress=False)
-    assert reloaded.config == trained.config
+    assert reloaded.config == dataclasses.replace(trained.config, vocab_size=vocab.full_size)
 
 
 def test_a_different_configuration_in_out_is_refused(setup, uninterrupted, capsys):
