@@ -144,11 +144,11 @@ class MoE(nnx.Module):
         t_BTD = self.norm(x_BTD)
         expert_BTK, weight_BTK = route(t_BTD, self.gate_w[...], self.gate_b[...], cfg.experts_per_token)
         experts = (self.mlp1.weights(), self.mlp1_b[...], self.mlp2.weights(), self.mlp2_b[...])
-        swiglu_kw = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, kernels=self.kernels)
+        expert_kw = dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, kernels=self.kernels)
         if mesh is None:
-            y_BTD = ops.dispatch(t_BTD, expert_BTK, weight_BTK, *experts, **swiglu_kw)
+            y_BTD = ops.dispatch(t_BTD, expert_BTK, weight_BTK, *experts, **expert_kw)
         else:  # on a mesh: each device runs the experts it holds
-            y_BTD = expert_parallel.moe(t_BTD, expert_BTK, weight_BTK, *experts, mesh=mesh, **swiglu_kw)
+            y_BTD = expert_parallel.moe(t_BTD, expert_BTK, weight_BTK, *experts, mesh=mesh, **expert_kw)
         return constrain(x_BTD + y_BTD.astype(x_BTD.dtype), RESIDUAL, mesh)
 
 

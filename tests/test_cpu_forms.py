@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import gptoss_jax as gj
+from gptoss_jax import ops
 from gptoss_jax.forms import CPUForms, Forms
 from gptoss_jax.generate import _steps
 from gptoss_jax.kvcache import KVCache
@@ -55,3 +56,13 @@ def test_inference_steps_hold_no_float32_copy_of_the_stacked_weights(monkeypatch
     finally:
         _steps.cache_clear()  # drop the steps traced with the plain loop
     assert _f32_copies(decode_hlo, stacked) and _f32_copies(prefill_hlo, stacked)
+
+
+def test_the_cpu_shaping_stays_off_the_plain_path():
+    """A 1-row product with K = 4096 is cut under XLA:CPU's matrix-vector limit, its sum behind a barrier; the
+    plain form (TPU, GPU) is the one dot of the specification."""
+    x, w = jnp.ones((1, 4096), jnp.bfloat16), jnp.ones((8, 4096), jnp.bfloat16)
+    plain, cpu = (str(jax.make_jaxpr(forms.matmul)(x, w)) for forms in (Forms(), CPUForms()))
+    assert plain.count("dot_general") == 1 and "optimization_barrier" not in plain
+    assert cpu.count("dot_general") == 2 and "optimization_barrier" in cpu
+    assert isinstance(ops.forms(x), CPUForms) == (jax.default_backend() == "cpu")

@@ -17,7 +17,7 @@ MOE_SCRIPT = textwrap.dedent('''
 
     # 8 experts, so that they divide over fsdp=8 and over expert x fsdp. Wide experts (F = 512) make a layer's
     # weights outweigh a few tokens' routed rows (tokens move) but not 32 tokens' (weights move); every device
-    # gets more than ops.ROWWISE_MAX_ROWS rows, so XLA:CPU's row-by-row form (slow to compile) stays out.
+    # gets more than forms.ROWWISE_MAX_ROWS rows, so XLA:CPU's row-by-row form (slow to compile) stays out.
     cfg = dataclasses.replace(gj.ModelConfig.tiny(), num_experts=8, experts_per_token=3, intermediate_size=512)
     moe = MoE(cfg, jnp.float32, "dense", nnx.Rngs(2))
     rng = np.random.default_rng(0)
