@@ -13,28 +13,37 @@ from flax import nnx
 import gptoss_jax as gj
 from gptoss_jax import ops
 
-# Sliding (window 16), full, sliding: the band is exercised, and 40 tokens are no multiple of any kernel block.
-CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=3, sliding_window=16)
-TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 40)).astype(np.int32)
+# conftest's tiny_config: sliding (window 16), full, sliding, so the band is exercised; its tiny_tokens, 40 a row,
+# are no multiple of any kernel block.
 
 
-def _model(kernels: str, experts: str):
-    return gj.init_model(dataclasses.replace(CFG, kernels=kernels), seed=1, dtype=jnp.float32, experts=experts)
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    """`model(kernels, experts)`: the tiny model (seed 1, float32) with that kernel choice, built once per pair."""
+    built = {}
+
+    def get(kernels: str, experts: str):
+        if (kernels, experts) not in built:
+            built[kernels, experts] = gj.init_model(dataclasses.replace(tiny_config, kernels=kernels), seed=1,
+                                                    dtype=jnp.float32, experts=experts)
+        return built[kernels, experts]
+
+    return get
 
 
-def _loss_and_grads(model):
+def _loss_and_grads(model, tokens):
     def loss(model):
-        logits = model.forward(jnp.asarray(TOKENS[:, :-1]))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(TOKENS[:, 1:])).mean()
+        logits = model.forward(jnp.asarray(tokens[:, :-1]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(tokens[:, 1:])).mean()
 
     return nnx.jit(lambda m: nnx.value_and_grad(loss)(m))(model)
 
 
 # Each backend's kernels once, between them both expert kinds (the kernel tests cover the full grid).
 @pytest.mark.parametrize("backend, experts", [("tpu", "dense"), ("gpu", "mxfp4")])
-def test_logits_and_gradients_match_the_twins(backend, experts):
-    twin, kernel = _model("xla", experts), _model(f"interpret-{backend}", experts)
-    (loss_t, grads_t), (loss_k, grads_k) = _loss_and_grads(twin), _loss_and_grads(kernel)
+def test_logits_and_gradients_match_the_twins(model, tiny_tokens, backend, experts):
+    twin, kernel = model("xla", experts), model(f"interpret-{backend}", experts)
+    (loss_t, grads_t), (loss_k, grads_k) = _loss_and_grads(twin, tiny_tokens), _loss_and_grads(kernel, tiny_tokens)
     np.testing.assert_allclose(float(loss_k), float(loss_t), rtol=1e-6)
     flat_t, flat_k = nnx.to_flat_state(grads_t), nnx.to_flat_state(grads_k)
     assert [p for p, _ in flat_t] == [p for p, _ in flat_k]
@@ -46,7 +55,7 @@ def test_logits_and_gradients_match_the_twins(backend, experts):
         assert any(p[-1] == "weight" and np.abs(np.asarray(g.get_value())).max() > 0 for p, g in flat_k)
 
 
-def test_kernel_choice_follows_config_and_environment(monkeypatch):
+def test_kernel_choice_follows_config_and_environment(tiny_config, monkeypatch):
     x = jnp.zeros(3)  # an array on this host's default backend (CPU here)
     assert ops.implementation("xla", x) == ("xla", False, None)
     assert ops.implementation("interpret-gpu", x) == ("pallas", True, "gpu")
@@ -60,11 +69,11 @@ def test_kernel_choice_follows_config_and_environment(monkeypatch):
     with pytest.raises(gj.ConfigError, match="GPTOSS_KERNELS='cuda'"):
         ops.implementation("auto", x)
     with pytest.raises(gj.ConfigError, match="kernels"):
-        dataclasses.replace(CFG, kernels="triton")
+        dataclasses.replace(tiny_config, kernels="triton")
 
 
-def test_cached_greedy_decoding_with_the_decode_kernel():
-    prompts = [list(TOKENS[0, :13]), list(TOKENS[1, :29])]  # ragged: per-row positions and empty slots
-    twin = gj.generate(_model("xla", "mxfp4"), prompts, max_new_tokens=6, temperature=0)
-    kernel = gj.generate(_model("interpret-tpu", "mxfp4"), prompts, max_new_tokens=6, temperature=0)
+def test_cached_greedy_decoding_with_the_decode_kernel(model, tiny_tokens):
+    prompts = [list(tiny_tokens[0, :13]), list(tiny_tokens[1, :29])]  # ragged: per-row positions and empty slots
+    twin = gj.generate(model("xla", "mxfp4"), prompts, max_new_tokens=6, temperature=0)  # the gradients' twin
+    kernel = gj.generate(model("interpret-tpu", "mxfp4"), prompts, max_new_tokens=6, temperature=0)
     assert kernel == twin
