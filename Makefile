@@ -50,8 +50,9 @@ demo-model: $(VENV)/.installed
 	$(BIN)/gptoss-jax convert --checkpoint $(DEMO_BUILD)/run --out demo/gptoss-demo --format original --overwrite
 	$(BIN)/python -m gptoss_jax.demo eval --checkpoint demo/gptoss-demo --out demo/eval.json
 
-# The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed).
-# One worker per core, whole files per worker (module fixtures compile once); the slowest tests are listed.
+# The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed); runs on
+# several devices are the mesh tier below; shared fixtures in tests/conftest.py. One worker per core, whole
+# files per worker (module fixtures compile once); the slowest tests are listed.
 test: $(VENV)/.installed-test
 	$(BIN)/pytest -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
 
