@@ -1,6 +1,6 @@
 """Ahead-of-time compiles of the steps our commands run, for a TPU or GPU target, on this host (`plan --compile`).
 
-The steps are the very jitted functions `generate` and `finetune` call (`generate._steps`: a prefill chunk and a
+The steps are the very jitted functions `generate` and `finetune` call (`engine.steps`: a prefill chunk and a
 decode step with per-request sampling, temperature and top-p as traced values; `train.step.make_train_step`),
 lowered with `jax.ShapeDtypeStruct`s that carry the shardings our loaders and the KV cache use on a mesh of the
 target's devices, then compiled by the target's own compiler (`gptoss_jax.targets`). What the compiler reports
@@ -45,27 +45,26 @@ def _sds(shape, dtype, mesh, axes=None):
 
 
 def inference_lowerings(cfg: ModelConfig, mesh, batch: int, seq_len: int, dtype=jnp.bfloat16) -> dict:
-    """{"prefill": lower(), "decode": lower()}: `generate`'s steps for `batch` sequences of up to `seq_len`
-    tokens (the KV cache `generate` allocates for them, one full prefill chunk, sampling with top-p)."""
-    from gptoss_jax.generate import PREFILL_CHUNK, _steps
+    """{"prefill": lower(), "decode": lower()}: the engine's steps for `batch` sequences of up to `seq_len` tokens
+    (the KV cache `generate` allocates for them, one full prefill chunk into every slot, per-row sampling)."""
+    from gptoss_jax.engine import PREFILL_CHUNK, steps
     from gptoss_jax.kvcache import KVCache
     from gptoss_jax.plan import cache_length, kv_cache_shapes
 
     graphdef, state = abstract_model(cfg, mesh, dtype)
-    prefill_step, _, decode_step = _steps(graphdef)
+    prefill, _, decode = steps(graphdef)
     cache = KVCache(**kv_cache_shapes(cfg, batch, cache_length(cfg, seq_len), mesh, dtype))
-    chunk = min(PREFILL_CHUNK, max(16, 1 << (seq_len - 1).bit_length()))
-    rows = ("batch",)
-    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)))
-    key_B = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=logical_sharding(rows, (batch,), mesh))
-    scalar = _sds((), jnp.float32, mesh)
+    chunk = min(PREFILL_CHUNK, max(32, 1 << (seq_len - 1).bit_length()))
+
+    def rows(dtype):
+        return _sds((batch,), dtype, mesh, ("batch",))
+
+    sampling = (rows(jnp.uint32), rows(jnp.float32), rows(jnp.float32), rows(jnp.int32))
     return {
-        "prefill": lambda: prefill_step.lower(
-            state, cache, _sds((batch, chunk), jnp.int32, mesh, ("batch", "sequence")),
-            _sds((batch,), jnp.int32, mesh, rows), _sds((batch, cfg.hidden_size), dtype, mesh, ("batch", "act_embed"))),
-        "decode": lambda: decode_step.lower(
-            state, cache, _sds((batch,), jnp.int32, mesh, rows), _sds((batch,), jnp.bool_, mesh, rows), key_B,
-            scalar, scalar, greedy=False, top_k=0, nucleus=True),
+        "prefill": lambda: prefill.lower(
+            state, cache, rows(jnp.int32), rows(jnp.bool_), _sds((batch, chunk), jnp.int32, mesh, ("batch", "sequence")),
+            rows(jnp.int32), _sds((batch, cfg.hidden_size), dtype, mesh, ("batch", "act_embed")), every_row=True),
+        "decode": lambda: decode.lower(state, cache, rows(jnp.int32), rows(jnp.bool_), *sampling, None),
     }
 
 

@@ -113,7 +113,7 @@ def _load(args):
 
 
 def _sampling_kwargs(args) -> dict:
-    from gptoss_jax.generate import Sampling
+    from gptoss_jax.engine import Sampling
 
     Sampling(args.temperature, args.top_p, args.top_k, args.seed)  # validates, naming the bad value
     if args.max_new_tokens < 1:

@@ -42,7 +42,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from gptoss_jax import expert_parallel
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.generate import PREFILL_CHUNK  # generate's longest prefill chunk
+from gptoss_jax.engine.steps import PREFILL_CHUNK  # the longest prefill chunk
 from gptoss_jax.mxfp4 import Packed
 from gptoss_jax.sharding import MESH_AXES, logical_sharding, parse_mesh, variable_shardings
 

@@ -33,7 +33,7 @@ from gptoss_jax.server.chat import (
     prepare_chat,
     usage,
 )
-from gptoss_jax.server.engine import Engine, EngineStopped, GenRequest, QueueFull
+from gptoss_jax.engine import Engine, EngineStopped, GenRequest, QueueFull
 
 log = logging.getLogger("gptoss_jax.server")
 

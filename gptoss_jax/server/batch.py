@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_jax.server.chat import BadRequest, completion_object, error_object, output_request, prepare_chat
-from gptoss_jax.server.engine import Engine
+from gptoss_jax.engine import Engine, QueueFull
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any, Any]]:
@@ -129,9 +129,5 @@ def _submit(engine: Engine, job, rid, write):
     while True:  # the engine's queue is bounded: wait for room
         try:
             return engine.submit(req)
-        except Exception as e:  # noqa: BLE001
-            from gptoss_jax.server.engine import QueueFull
-
-            if not isinstance(e, QueueFull):
-                raise
+        except QueueFull:
             threading.Event().wait(0.05)

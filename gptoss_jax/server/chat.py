@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gptoss_jax import harmony
-from gptoss_jax.server.engine import Constraint, Engine, GenRequest
+from gptoss_jax.engine import Constraint, Engine, GenRequest, Sampling
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -86,9 +86,7 @@ class ChatJob:
 
     prompt: list[int]
     max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
+    sampling: Sampling
     stop: list[str]
     stream: bool
     include_usage: bool
@@ -99,8 +97,8 @@ class ChatJob:
 
     def request(self, **callbacks) -> GenRequest:
         constraint = self.constraint_factory() if self.constraint_factory is not None else None
-        return GenRequest(self.prompt, self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                          seed=self.seed, stop_tokens=tuple(harmony.stop_tokens()), constraint=constraint,
+        return GenRequest(self.prompt, self.max_tokens, self.sampling, stop_tokens=tuple(harmony.stop_tokens()),
+                          constraint=constraint,
                           **callbacks)
 
 
@@ -117,10 +115,13 @@ def check_model(body: Mapping, served: str) -> str:
 
 
 def check_sampling(body: Mapping, *, max_tokens_names=("max_completion_tokens", "max_tokens")) -> dict:
+    """{"sampling": Sampling, "max_tokens": int | None} from the body's fields. `top_k` is not in OpenAI's API;
+    it is accepted as vLLM and SGLang accept it (the `openai` client sends it in `extra_body`), 0 or -1 = off."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:  # the nucleus of mass 0 is the most likely token alone
         temperature, top_p = 0.0, 1.0
+    top_k = max(_int(body, "top_k", lo=-1) or 0, 0)
     seed = _int(body, "seed")
     if seed is None:
         seed = secrets.randbits(32)
@@ -130,7 +131,8 @@ def check_sampling(body: Mapping, *, max_tokens_names=("max_completion_tokens", 
         if v is not None:
             max_tokens = v
             break
-    return {"temperature": temperature, "top_p": top_p, "seed": seed % (1 << 32), "max_tokens": max_tokens}
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed % (1 << 32))
+    return {"sampling": sampling, "max_tokens": max_tokens}
 
 
 def check_messages(messages: Any, param: str = "messages") -> list:
@@ -277,8 +279,8 @@ def _job(prompt, sampling, engine: Engine, *, model, stop, stream, include_usage
         from gptoss_jax.server.constrained import constraint_factory
 
         factory = constraint_factory(fmt, schema, forced_tool=None, max_tokens=max_tokens)
-    return ChatJob(prompt, max_tokens, sampling["temperature"], sampling["top_p"], sampling["seed"], stop, stream,
-                   include_usage, model, factory, fmt, schema)
+    return ChatJob(prompt, max_tokens, sampling["sampling"], stop, stream, include_usage, model, factory, fmt,
+                   schema)
 
 
 # ---------------------------------------------------------------------------------------------------------------

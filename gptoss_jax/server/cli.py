@@ -31,16 +31,19 @@ def _engine_args(p) -> None:
 
 
 def _engine(args, max_queue: int):
+    import jax
     import jax.numpy as jnp
 
     from gptoss_jax.checkpoint import load_model
     from gptoss_jax.distributed import mesh_from_args
-    from gptoss_jax.server.engine import Engine
+    from gptoss_jax.distributed import Channel
+    from gptoss_jax.engine import Engine
 
     name = args.model_name or Path(args.checkpoint).resolve().name
     model = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh_from_args(args))
     return Engine(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=max_queue,
-                  prefill_chunk=args.prefill_chunk, model_name=name)
+                  prefill_chunk=args.prefill_chunk, model_name=name,
+                  channel=Channel("engine") if jax.process_count() > 1 else None)  # process 0 leads
 
 
 def cmd_serve(args) -> None:

@@ -134,7 +134,7 @@ def prepare(body: Any, engine, *, served_model: str) -> tuple[ChatJob, dict]:
     meta = {"id": new_id("resp"), "created_at": int(time.time()), "instructions": body.get("instructions"),
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": effort, "summary": None}, "max_output_tokens": sampling["max_tokens"],
-            "temperature": job.temperature, "top_p": job.top_p,
+            "temperature": job.sampling.temperature, "top_p": job.sampling.top_p,
             "text": {"format": {"type": fmt} if fmt != "json_schema" else text.get("format")},
             "metadata": body.get("metadata") or {}}
     return job, meta
