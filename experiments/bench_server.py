@@ -56,7 +56,7 @@ def _record(start: float, stamps: list[float], tokens: int) -> dict:
 
 def bench_engine(engine, prompts, max_tokens: int, concurrency: int) -> dict:
     from gptoss_jax import harmony
-    from gptoss_jax.server.engine import GenRequest
+    from gptoss_jax.engine import GenRequest, Sampling
 
     todo = list(range(len(prompts)))
     lock = threading.Lock()
@@ -70,7 +70,7 @@ def bench_engine(engine, prompts, max_tokens: int, concurrency: int) -> dict:
                 i = todo.pop(0)
             stamps: list[float] = []
             start = time.perf_counter()
-            req = GenRequest(prompts[i], max_tokens, temperature=1.0, seed=i, stop_tokens=tuple(harmony.stop_tokens()),
+            req = GenRequest(prompts[i], max_tokens, Sampling(1.0, seed=i), stop_tokens=tuple(harmony.stop_tokens()),
                              on_token=lambda t: stamps.append(time.perf_counter()))
             engine.generate(req)
             with lock:
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     from gptoss_jax.bench import CONFIGS, _environment
     from gptoss_jax.checkpoint import write_random_checkpoint
     from gptoss_jax.server.api import create_app
-    from gptoss_jax.server.engine import Engine
+    from gptoss_jax.engine import Engine
 
     levels = [int(c) for c in args.concurrency.split(",")]
     cfg = dataclasses.replace(gj.ModelConfig.gpt_oss_20b(), **CONFIGS["a"][1])

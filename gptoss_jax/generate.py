@@ -23,7 +23,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_toke
         raise ValueError("no prompts given")
     context = model.config.max_position_embeddings
     prompts = [check_request(p, max_new_tokens, vocab_size=model.config.vocab_size, context=context,
-                             name=f"prompt {b}") for b, p in enumerate(prompts)]
+                             name=f"prompt {b}", max_name="max_new_tokens") for b, p in enumerate(prompts)]
     needed = max(len(p) for p in prompts) + max_new_tokens
     # One slot per prompt, every slot in every step: one compiled decode however the rows finish.
     engine = Engine(model, max_batch=len(prompts), max_seq_len=min(bucket(needed, 128), context), max_queue=0,

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import gptoss_jax as gj
-from gptoss_jax.generate import sample
+from gptoss_jax.engine import sample, steps
 from gptoss_jax.kvcache import KVCache
 
 CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=3)  # sliding, full, sliding
@@ -104,27 +104,26 @@ def test_bad_input_raises_clear_errors(model, kwargs, words):
 def test_prompt_longer_than_context():
     cfg = dataclasses.replace(CFG, initial_context_length=64, rope_scaling_factor=1.0)
     small = gj.init_model(cfg, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+    with pytest.raises(ValueError, match="more than the context of 64 tokens"):
         gj.generate(small, list(range(60)), max_new_tokens=10)
 
 
-def _draw(logits, n=4000, **kw):
+def _draw(logits, n=4000, temperature=1.0, top_p=1.0, top_k=0):
     logits = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
-    keys = jax.vmap(jax.random.key)(jnp.arange(n, dtype=jnp.uint32))
-    args = {"temperature": jnp.float32(kw.pop("temperature", 1.0)), "top_p": jnp.float32(kw.pop("top_p", 1.0))}
-    return np.asarray(sample(logits, keys, jnp.zeros(n, jnp.int32), **args, **kw))
+    return np.asarray(sample(logits, jnp.arange(n, dtype=jnp.uint32), jnp.zeros(n, jnp.int32),
+                             jnp.full(n, temperature, jnp.float32), jnp.full(n, top_p, jnp.float32),
+                             jnp.full(n, top_k, jnp.int32)))
 
 
 def test_sampling_follows_the_softmax_and_its_filters():
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = np.log(probs)
-    freq = np.bincount(_draw(logits, nucleus=False), minlength=4) / 4000
+    freq = np.bincount(_draw(logits), minlength=4) / 4000
     np.testing.assert_allclose(freq, probs, atol=0.03)
-    assert set(_draw(logits, top_p=0.8, nucleus=True)) == {0, 1}  # the nucleus: 0.5 + 0.3 reaches 0.8
-    assert set(_draw(logits, top_k=3, nucleus=False)) == {0, 1, 2}
-    assert set(_draw(logits, temperature=0.0, nucleus=False)) == {0}
-    assert set(_draw(logits, temperature=0.0, greedy=True)) == {0}  # the static greedy path: no draw at all
-    hot = np.bincount(_draw(logits, temperature=3.0, nucleus=False), minlength=4) / 4000
+    assert set(_draw(logits, top_p=0.8)) == {0, 1}  # the nucleus: 0.5 + 0.3 reaches 0.8
+    assert set(_draw(logits, top_k=3)) == {0, 1, 2}
+    assert set(_draw(logits, temperature=0.0)) == {0}
+    hot = np.bincount(_draw(logits, temperature=3.0), minlength=4) / 4000
     assert hot[3] > 0.12  # a higher temperature flattens the distribution
 
 
@@ -147,10 +146,7 @@ def test_generation_stops_on_harmony_stop_tokens():
 
 def test_no_recompilation_per_prompt_length_or_token(model):
     """Prompt lengths inside one bucket and every decode step reuse one compiled prefill and one decode step."""
-    import importlib
-
-    engine = importlib.import_module("gptoss_jax.generate")
-    prefill, _, decode = engine._steps(nnx.split(model)[0])
+    prefill, _, decode = steps(nnx.graphdef(model))
     gj.generate(model, list(range(1, 21)), max_new_tokens=3, temperature=0)
     sizes = prefill._cache_size(), decode._cache_size()
     for n in (23, 27, 31):

@@ -53,8 +53,8 @@ class GenRequest:
         self.cancelled = True
 
 
-def check_request(prompt: Sequence[int], max_tokens, *, vocab_size: int, context: int, name: str = "the prompt"
-                  ) -> list[int]:
+def check_request(prompt: Sequence[int], max_tokens, *, vocab_size: int, context: int, name: str = "the prompt",
+                  max_name: str = "max_tokens") -> list[int]:
     """The prompt as a list of ints, or a ValueError naming what is wrong: an empty prompt, token ids outside the
     vocabulary, max_tokens not an integer >= 1, or more tokens than `context` in all."""
     try:
@@ -67,8 +67,8 @@ def check_request(prompt: Sequence[int], max_tokens, *, vocab_size: int, context
     if bad:
         raise ValueError(f"{name} has token ids outside [0, {vocab_size}): {bad[:5]}")
     if isinstance(max_tokens, bool) or not (isinstance(max_tokens, (int, np.integer)) and max_tokens >= 1):
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        raise ValueError(f"{max_name} must be an integer >= 1, got {max_tokens!r}")
     if len(tokens) + max_tokens > context:
-        raise ValueError(f"{name} ({len(tokens)} tokens) plus max_tokens ({max_tokens}) is "
+        raise ValueError(f"{name} ({len(tokens)} tokens) plus {max_name} ({max_tokens}) is "
                          f"{len(tokens) + max_tokens} tokens, more than the context of {context} tokens")
     return tokens

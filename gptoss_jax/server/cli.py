@@ -20,7 +20,7 @@ def _engine_args(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=4096,
                    help="tokens per slot: prompt + max_tokens of one request (default: 4096)")
     p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="longest prefill chunk; 1 = prompts fed token by token through the decode step "
+                   help="longest prefill chunk: prompts are prefilled in chunks of a power of two up to it "
                         "(default: 512)")
     p.add_argument("--model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the checkpoint folder's name)")

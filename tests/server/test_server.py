@@ -11,13 +11,13 @@ import time
 import httpx
 import numpy as np
 import pytest
-from test_server_fixtures import CONTEXT, MAX_BATCH, MODEL_NAME, engine, server  # noqa: F401 (fixtures)
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra: pip install -e '.[test]'")
 
 from gptoss_jax import harmony  # noqa: E402
-from gptoss_jax.server.engine import ForcedTokens, GenRequest  # noqa: E402
+from gptoss_jax.engine import Engine, GenRequest, Sampling  # noqa: E402
 
+MODEL_NAME, CONTEXT, MAX_BATCH = "tiny-test", 512, 8  # the engine fixture's (conftest.py)
 MSG = [{"role": "user", "content": "Say hi."}]
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -80,24 +80,21 @@ def _tool_call_tokens(name: str, args: str) -> list[int]:
     return list(enc.encode(text, allowed_special="all"))
 
 
-def test_tool_call_rendered_and_parsed(client, engine):
+def test_tool_call_rendered_and_parsed(client, force_tokens):
     """The tools reach the prompt (developer message), and a scripted Harmony tool call from the model comes
     back as OpenAI tool_calls, whole and streamed."""
     args = '{"city":"Paris"}'
     seen_prompts = []
 
-    def hook(req):
+    def script(req):
         seen_prompts.append(harmony.decode(req.prompt))
-        return ForcedTokens(_tool_call_tokens("get_weather", args), engine.vocab_size)
+        return _tool_call_tokens("get_weather", args)
 
-    engine.constraint_hook = hook
-    try:
+    with force_tokens(script):
         kw = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Weather in Paris?"}],
                   tools=[WEATHER_TOOL], max_tokens=64, temperature=1.0, seed=0)
         done = client.chat.completions.create(**kw)
         chunks = list(client.chat.completions.create(**kw, stream=True))
-    finally:
-        engine.constraint_hook = None
     assert "get_weather" in seen_prompts[0] and "Current weather in a city" in seen_prompts[0]
     assert "<|start|>developer" in seen_prompts[0]
     choice = done.choices[0]
@@ -117,25 +114,21 @@ def test_tool_call_rendered_and_parsed(client, engine):
     assert "functions.get_weather to=assistant" in harmony.decode(follow)
 
 
-def test_stop_sequences_cut_the_answer(client, engine):
+def test_stop_sequences_cut_the_answer(client, force_tokens):
     from gptoss_jax.tokenizer import harmony_encoding
 
     script = harmony_encoding().encode("<|channel|>final<|message|>Hello STOP world<|return|>", allowed_special="all")
-    engine.constraint_hook = lambda req: ForcedTokens(script, engine.vocab_size)
-    try:
+    with force_tokens(lambda req: script):
         kw = dict(model=MODEL_NAME, messages=MSG, max_tokens=20, stop=["STOP", "zzz"])
         done = client.chat.completions.create(**kw)
         chunks = list(client.chat.completions.create(**kw, stream=True))
         plain = client.chat.completions.create(**{**kw, "stop": None})
-    finally:
-        engine.constraint_hook = None
     assert done.choices[0].message.content == "Hello " and done.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello "
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert plain.choices[0].message.content == "Hello STOP world" and plain.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.slow  # ~10 s: a long tool prompt fed token by token
 def test_named_tool_choice_gives_valid_arguments(client):
     done = client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL],
@@ -174,7 +167,7 @@ def test_sixteen_concurrent_streams_are_unmixed(server, engine):
     assert results[:8] == results[8:]
     assert len({text for text, _ in results[:8]}) == 8
     for i in (5,):  # alone, through the engine, same seed: the same tokens
-        alone = engine.generate(GenRequest(harmony.render_chat(bodies[i]["messages"]), 6, temperature=1.0, seed=i))
+        alone = engine.generate(GenRequest(harmony.render_chat(bodies[i]["messages"]), 6, Sampling(1.0, seed=i)))
         assert harmony.parse_completion(alone.tokens)["content"] == results[i][0]
 
 
@@ -267,7 +260,6 @@ def test_full_queue_gets_503_with_retry_after(engine):
     from fastapi.testclient import TestClient
 
     from gptoss_jax.server.api import create_app
-    from gptoss_jax.server.engine import Engine
 
     idle = Engine(engine.model, max_batch=1, max_seq_len=64, max_queue=0, model_name=MODEL_NAME)  # not started
     idle.submit(GenRequest([1, 2, 3], 2))  # takes the one free slot's place in the queue
@@ -294,15 +286,10 @@ def test_responses_api(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
-@pytest.mark.slow  # ~10 s: a long tool prompt fed token by token
-def test_responses_api_function_call_roundtrip(client, engine):
-    engine.constraint_hook = lambda req: ForcedTokens(_tool_call_tokens("get_weather", '{"city":"Oslo"}'),
-                                                      engine.vocab_size)
-    try:
+def test_responses_api_function_call_roundtrip(client, force_tokens):
+    with force_tokens(lambda req: _tool_call_tokens("get_weather", '{"city":"Oslo"}')):
         tool = {"type": "function", **WEATHER_TOOL["function"]}
         r = client.responses.create(model=MODEL_NAME, input="Weather in Oslo?", tools=[tool], max_output_tokens=40)
-    finally:
-        engine.constraint_hook = None
     [call] = [o for o in r.output if o.type == "function_call"]
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
     r2 = client.responses.create(model=MODEL_NAME, tools=[tool], max_output_tokens=1, input=[
@@ -329,39 +316,16 @@ def test_response_format_json_object_and_schema(client):
     assert validate(value, schema)
 
 
-@pytest.mark.slow  # compiles multi-token prefill chunks (~30 s each on XLA:CPU)
-def test_chunked_prefill_engine_equals_generate():
-    """The production path (chunked prefill of several new requests together, gathered rows, per-row sampling)
-    gives exactly gj.generate's tokens for each request with its seed, in float32."""
-    import jax.numpy as jnp
-
-    import gptoss_jax as gj
-    from gptoss_jax.server.engine import Engine
-
-    model = gj.init_model(gj.ModelConfig.tiny(), seed=0, dtype=jnp.float32)
-    rng = np.random.default_rng(0)
-    prompts = [list(map(int, rng.integers(0, 1000, n))) for n in (5, 40, 100, 7, 64, 3)]
-    kw = [dict(temperature=[0.0, 1.0, 0.7][i % 3], top_p=[1.0, 0.9, 1.0][i % 3], seed=i) for i in range(6)]
-    with Engine(model, max_batch=4, max_seq_len=256, prefill_chunk=64) as eng:
-        reqs = [eng.submit(GenRequest(p, 12, **k)) for p, k in zip(prompts, kw)]
-        for r in reqs:
-            r.done.wait()
-    for p, k, r in zip(prompts, kw, reqs):
-        assert r.tokens == gj.generate(model, p, max_new_tokens=12, **k)
-
-
 def test_decode_buckets_give_the_same_tokens(engine):
     """An engine that decodes only its busy slots (rounded up to a power of two) samples what the all-slots
     engine samples: one request alone (1 row), then two at once (2 rows) and a third queued into a freed slot."""
-    from gptoss_jax.server.engine import Engine
-
     prompts = [[200006, 1428, 200008, 3 + i, 17, 200007, 200006, 173781] for i in range(3)]
-    with Engine(engine.model, max_batch=2, max_seq_len=CONTEXT, prefill_chunk=1, model_name=MODEL_NAME) as eng:
-        alone = eng.generate(GenRequest(prompts[0], 5, temperature=1.0, seed=7), timeout=120)
-        reqs = [eng.submit(GenRequest(p, 5 + i, temperature=1.0, seed=i)) for i, p in enumerate(prompts)]
+    with Engine(engine.model, max_batch=2, max_seq_len=CONTEXT, prefill_chunk=32, model_name=MODEL_NAME) as eng:
+        alone = eng.generate(GenRequest(prompts[0], 5, Sampling(1.0, seed=7)), timeout=120)
+        reqs = [eng.submit(GenRequest(p, 5 + i, Sampling(1.0, seed=i))) for i, p in enumerate(prompts)]
         for r in reqs:
             assert r.done.wait(120)
         assert eng.max_active_seen == 2
-    assert alone.tokens == engine.generate(GenRequest(prompts[0], 5, temperature=1.0, seed=7)).tokens
+    assert alone.tokens == engine.generate(GenRequest(prompts[0], 5, Sampling(1.0, seed=7))).tokens
     for i, r in enumerate(reqs):
-        assert r.tokens == engine.generate(GenRequest(prompts[i], 5 + i, temperature=1.0, seed=i)).tokens
+        assert r.tokens == engine.generate(GenRequest(prompts[i], 5 + i, Sampling(1.0, seed=i))).tokens

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-from test_server_fixtures import MODEL_NAME, engine  # noqa: F401 (fixture)
-
 from gptoss_jax.server.batch import done_ids, run_batch
 
 
@@ -29,7 +27,7 @@ def test_batch_records_errors_and_resume(tmp_path, engine):
         "{torn json",
         {"recordId": "a", "modelInput": msg("dup")},
     ])
-    counts = run_batch(engine, inp, out, served_model=MODEL_NAME, progress=False)
+    counts = run_batch(engine, inp, out, served_model=engine.model_name, progress=False)
     assert counts == {"done": 2, "errors": 4, "skipped": 0}
     got = _read(out)
     for rid in ('"a"', "2"):
@@ -48,7 +46,7 @@ def test_batch_records_errors_and_resume(tmp_path, engine):
     out.write_text("\n".join(kept) + '\n{"recordId": "a", "modelOu')
     assert '"a"' not in done_ids(out) and out.read_text().endswith("\n")
     _write(inp, [{"recordId": "a", "modelInput": msg("one")}, {"recordId": 2, "modelInput": msg("two")}])
-    counts = run_batch(engine, inp, out, served_model=MODEL_NAME, progress=False)
+    counts = run_batch(engine, inp, out, served_model=engine.model_name, progress=False)
     assert counts == {"done": 1, "errors": 0, "skipped": 1}
     assert _read(out)['"a"']["modelOutput"]["choices"][0]["message"]["content"] == first_a
 
