@@ -16,7 +16,7 @@ from flax import nnx
 import gptoss_jax as gj
 from gptoss_jax import ops
 from gptoss_jax.forms import CPUForms, Forms
-from gptoss_jax.generate import _steps
+from gptoss_jax.engine import steps
 from gptoss_jax.kvcache import KVCache
 
 CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=4)
@@ -25,15 +25,14 @@ CFG = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_laye
 def _compiled_steps():
     model = gj.init_model(CFG, seed=0, dtype=jnp.bfloat16)
     graphdef, state = nnx.split(model)
-    _steps.cache_clear()  # trace anew under the current ops
-    prefill, _, decode = _steps(graphdef)
+    steps.cache_clear()  # trace anew under the current ops
+    prefill, _, decode = steps(graphdef)
     cache = KVCache.create(CFG, 1, 128)
-    B = jnp.ones((1,), jnp.int32)
-    key = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
-    prefill_hlo = prefill.lower(state, cache, jnp.ones((1, 16), jnp.int32), B * 16,
-                                jnp.zeros((1, CFG.hidden_size), jnp.bfloat16)).compile().as_text()
-    decode_hlo = decode.lower(state, cache, B, B.astype(bool), key, jnp.float32(0), jnp.float32(1), greedy=True,
-                              top_k=0, nucleus=False).compile().as_text()
+    one = jnp.ones((1,), jnp.int32)
+    prefill_hlo = prefill.lower(state, cache, one * 0, one.astype(bool), jnp.ones((1, 16), jnp.int32), one * 16,
+                                jnp.zeros((1, CFG.hidden_size), jnp.bfloat16), every_row=True).compile().as_text()
+    decode_hlo = decode.lower(state, cache, one, one.astype(bool), one.astype(jnp.uint32), jnp.zeros(1),
+                              jnp.ones(1), one * 0, None).compile().as_text()
     stacked = [v.get_value().shape for _, v in nnx.to_flat_state(nnx.state(model.blocks))
                if v.get_value().dtype == jnp.bfloat16 and v.get_value().ndim >= 3]
     return prefill_hlo, decode_hlo, stacked
@@ -54,7 +53,7 @@ def test_inference_steps_hold_no_float32_copy_of_the_stacked_weights(monkeypatch
     try:
         prefill_hlo, decode_hlo, stacked = _compiled_steps()
     finally:
-        _steps.cache_clear()  # drop the steps traced with the plain loop
+        steps.cache_clear()  # drop the steps traced with the plain loop
     assert _f32_copies(decode_hlo, stacked) and _f32_copies(prefill_hlo, stacked)
 
 

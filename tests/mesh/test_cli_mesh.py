@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
     for name, mesh in (("one", []), ("mesh", ["--mesh", "tensor=2,expert=4"])):
         seconds["batch " + name] = run("batch", "--checkpoint", root / "ckpt", "--input", root / "requests.jsonl",
                                        "--output", root / f"batch-{name}.jsonl", "--max-batch", 2,
-                                       "--max-seq-len", 160, "--prefill-chunk", 1, "--dtype", "float32",
+                                       "--max-seq-len", 160, "--prefill-chunk", 32, "--dtype", "float32",
                                        "--no-progress", *mesh)
         rows = [json.loads(x) for x in (root / f"batch-{name}.jsonl").read_text().splitlines()]
         out["batch " + name] = {r["recordId"]: [r["modelOutput"]["choices"], r["modelOutput"]["usage"]]
@@ -155,7 +155,7 @@ def test_batch_in_a_two_process_job(tmp_path, free_port, job_env, run_job):
             f.write(json.dumps({"recordId": f"r{i}", "modelInput": {
                 "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0}}) + "\n")
     common = ["batch", "--checkpoint", str(tmp_path / "ckpt"), "--input", str(tmp_path / "requests.jsonl"),
-              "--max-batch", "2", "--max-seq-len", "160", "--prefill-chunk", "1", "--dtype", "float32",
+              "--max-batch", "2", "--max-seq-len", "160", "--prefill-chunk", "32", "--dtype", "float32",
               "--no-progress"]
     port = str(free_port())
     # meanwhile: one device, in this process
