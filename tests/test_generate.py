@@ -43,7 +43,7 @@ def test_cached_decoding_equals_full_recompute_across_ring_wraps(model):
 
 def test_padded_batch_equals_prompts_run_alone(model):
     rng = np.random.default_rng(1)
-    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 150, 40)]
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 31, 17)]  # ragged, one prefill chunk size
     batch = gj.generate(model, prompts, max_new_tokens=12, temperature=0)
     alone = [gj.generate(model, p, max_new_tokens=12, temperature=0) for p in prompts]
     assert batch == alone
