@@ -62,7 +62,7 @@ def test_generate_bad_sampling_values(ckpt, capsys, extra, words):
 
 def test_generate_prompt_longer_than_the_context(ckpt, capsys):
     code, _, err = run(["generate", "--checkpoint", str(ckpt / "short"), "--prompt", "hi"], capsys)
-    assert code == 2 and "exceeds the model's context of 64" in err
+    assert code == 2 and "more than the context of 64 tokens" in err
 
 
 def test_generate_empty_prompt(ckpt, capsys):

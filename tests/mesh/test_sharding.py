@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent('''
     expert_parallel.moe = counting_moe
 
     cfg = dataclasses.replace(gj.ModelConfig.tiny(), vocab_size=512, num_hidden_layers=3, sliding_window=16)
-    # Long enough that every device's share of the MoE's routed rows exceeds ops.ROWWISE_MAX_ROWS (64): the CPU's
+    # Long enough that every device's share of the MoE's routed rows exceeds forms.ROWWISE_MAX_ROWS (64): the CPU's
     # row-by-row decode form unrolls one product per row and would take a minute to compile under expert
     # parallelism with the batch split 4 ways.
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (4, 40)), jnp.int32)

@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.mesh
+
 MOE_SCRIPT = textwrap.dedent('''
     import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np
