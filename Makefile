@@ -52,9 +52,11 @@ demo-model: $(VENV)/.installed
 
 # The default tier: unit tests, the tiny model end to end, golden parity fixtures (no torch needed); runs on
 # several devices are the mesh tier below; shared fixtures in tests/conftest.py. One worker per core, whole
-# files per worker (module fixtures compile once); the slowest tests are listed.
+# files per worker (module fixtures compile once), the slowest files first (tests/conftest.py SLOW_FILES); XLA's
+# compiles are kept in .pytest_cache/d/jax-cache and shared by the workers, their subprocesses and later runs
+# (tests/conftest.py); the slowest tests are listed.
 test: $(VENV)/.installed-test
-	$(BIN)/pytest -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # The mesh tier (CI runs it): tests/mesh/, every sharded run in a subprocess with 8 simulated CPU devices (the
 # model, the training step, the CLI's commands on meshes) and two loopback processes joined by jax.distributed.

@@ -27,6 +27,43 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 TINY_VOCAB = 512
 
 
+def pytest_configure(config):
+    """JAX's persistent compilation cache for the whole run, in .pytest_cache/d/jax-cache (`--cache-clear` or
+    `rm -rf .pytest_cache` empties it): the tests' time is almost all XLA compiles of tiny models, and the same
+    step recurs across test files, both xdist workers and the subprocesses the tests start (they inherit these
+    variables). Set here, in the controller before it starts the workers and before any jax import; a
+    JAX_COMPILATION_CACHE_DIR already set (CI's own cache, or none: set it empty) wins. The key covers jax's
+    version, the computation and the compile options, so an entry is never reused for other code."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return  # an xdist worker inherits the controller's environment
+    if config.cache is not None:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(config.cache.mkdir("jax-cache"))
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+# The files whose compiles take longest, longest first: `make test` (--dist loadfile --no-loadscope-reorder) hands
+# whole files to the workers in collection order, so these start first and the short files fill in around them
+# (xdist's own order, by test count, would leave a long file with few tests to run alone at the end).
+SLOW_FILES = ["server/test_server.py", "test_generate.py", "test_finetune_cli.py", "test_kernels_model.py",
+              "test_kernels_attention.py", "test_cpu_forms.py", "test_cli_generate.py", "test_train_step.py",
+              "test_train_vocab.py", "test_kernels_moe.py", "server/test_batch_infer.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    here = Path(__file__).parent
+
+    def key(item):
+        try:
+            name = Path(item.fspath).relative_to(here).as_posix()
+        except ValueError:
+            return len(SLOW_FILES)
+        return rank.get(name, len(SLOW_FILES))
+
+    items.sort(key=key)  # stable: the other files, and the tests in each file, keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """ModelConfig.tiny() with a 512-token vocabulary, 3 layers (sliding, full, sliding) and a 16-token window:

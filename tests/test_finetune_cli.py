@@ -45,8 +45,11 @@ def setup(tmp_path_factory, write_echo_data):
     tied[used] = unemb[used]
     model.unembedding[...] = jnp.asarray(tied)
     gj.save_checkpoint(model, root / "ckpt", format="original", progress=False)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    # the runs share the session's compilation cache (tests/conftest.py), or one of their own
+    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", **os.environ, "JAX_PLATFORMS": "cpu"}
+    if not env["JAX_COMPILATION_CACHE_DIR"]:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-cache")
     return root, env
 
 
